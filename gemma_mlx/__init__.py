@@ -1,1 +1,18 @@
-"""Gemma 3 on MLX."""
+"""Gemma 3 on MLX: `load` a model, `generate` or `stream` a reply.
+
+    import gemma_mlx
+    model = gemma_mlx.load("4b")
+    print(gemma_mlx.generate(model, "Why is the sky blue?", max_tokens=200))
+"""
+
+from .chat import generate, stream
+from .engine import Chunk, SamplingSettings, Stats
+from .errors import BadCheckpoint, BadImage, BadRequest, ContextOverflow, GemmaError, ModelNotFound
+from .loading import Model, load
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BadCheckpoint", "BadImage", "BadRequest", "Chunk", "ContextOverflow", "GemmaError", "Model",
+    "ModelNotFound", "SamplingSettings", "Stats", "__version__", "generate", "load", "stream",
+]

@@ -33,10 +33,17 @@ class Gemma3(nn.Module):
     def __call__(self, ids: mx.array, cache: list | None = None,
                  pixel_values: mx.array | None = None) -> mx.array:
         """Token ids [B, L] in, logits [B, L, vocab] out (the mlx-lm convention)."""
+        return self.logits(self.hidden(ids, cache, pixel_values))
+
+    def hidden(self, ids: mx.array, cache: list | None = None,
+               pixel_values: mx.array | None = None) -> mx.array:
+        """Final hidden states [B, L, hidden]: the engine takes logits of the last one only."""
         if pixel_values is not None:
             raise ValueError("this model has no vision tower; it takes text only")
-        h = self.decoder.embed(ids)
-        return self.decoder.logits(self.decoder(h, cache))
+        return self.decoder(self.decoder.embed(ids), cache)
+
+    def logits(self, h: mx.array) -> mx.array:
+        return self.decoder.logits(h)
 
     def make_cache(self) -> list:
         return self.decoder.make_cache()

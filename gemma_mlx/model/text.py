@@ -119,7 +119,7 @@ class TextDecoder(nn.Module):
         if masks is None:
             masks = self.causal_masks(h, cache)
         global_mask, sliding_mask = masks
-        for i, (layer, c) in enumerate(zip(self.layers, cache)):
+        for i, (layer, c) in enumerate(zip(self.layers, cache, strict=True)):
             h = layer(h, sliding_mask if self.cfg.is_sliding(i) else global_mask, c)
         return self.norm(h)
 

@@ -1,0 +1,137 @@
+"""`python -m gemma_mlx`: one-shot questions, and the chat, convert and bench subcommands.
+
+Only generated text goes to stdout; notes, statistics and errors go to stderr. Every user error
+is one line and a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .errors import BadRequest, GemmaError
+from .hub import DEFAULT_MODEL, MODEL_NAMES
+
+SUBCOMMANDS = ("chat", "convert", "bench")
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and argv[0] in SUBCOMMANDS else None
+    try:
+        if command == "convert":
+            return convert_command(argv[1:])
+        if command == "chat":
+            return chat_command(argv[1:])
+        if command == "bench":
+            return bench_command(argv[1:])
+        return oneshot_command(argv)
+    except GemmaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def add_model_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", "-m", default=DEFAULT_MODEL,
+                        help=f"{', '.join(MODEL_NAMES)}, a Hub repo id, a folder or a .gguf "
+                             f"file (default: {DEFAULT_MODEL})")
+
+
+def add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--system", "-s", help="system prompt")
+    parser.add_argument("--max-tokens", type=int, default=1024,
+                        help="most tokens to generate (default: 1024)")
+    parser.add_argument("--temp", type=float, default=1.0,
+                        help="sampling temperature, 0 for greedy (default: 1.0)")
+    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (0.95)")
+    parser.add_argument("--top-k", type=int, default=64, help="top-k sampling, 0 is off (64)")
+    parser.add_argument("--min-p", type=float, default=0.0, help="min-p sampling (0: off)")
+    parser.add_argument("--repetition-penalty", type=float, default=None,
+                        help="penalty above 1 discourages repeats (default: off)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed")
+
+
+def sampling_from(args: argparse.Namespace) -> dict:
+    return dict(max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p, top_k=args.top_k,
+                min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def oneshot_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m gemma_mlx",
+        description="Ask Gemma 3 one question. Subcommands: chat (the terminal app), "
+                    "convert (to an MLX folder), bench (speed and memory).")
+    parser.add_argument("prompt", help="the prompt; '-' reads it from stdin")
+    add_model_option(parser)
+    add_sampling_options(parser)
+    parser.add_argument("--raw", action="store_true",
+                        help="complete the prompt as plain text, without the chat template "
+                             "(automatic for base models, which have none)")
+    parser.add_argument("--verbose", "-v", action="store_true",
+                        help="print speed, time to first token and peak memory on stderr")
+    return parser
+
+
+def oneshot_command(argv: list[str]) -> int:
+    args = oneshot_parser().parse_args(argv)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    sampling = sampling_from(args)
+    if not prompt.strip():
+        raise BadRequest("the prompt is empty: pass some text, or '-' to read it from stdin")
+    from .chat import stream
+    from .engine import SamplingSettings
+    from .loading import load
+
+    SamplingSettings(**sampling).validate()  # before the (slow) load
+    model = load(args.model)
+    raw = True if args.raw else None
+    if raw is None and not model.has_chat_template:
+        print(f"note: {model.path.name} has no chat template (a base model), so the prompt is "
+              "completed as plain text, as with --raw", file=sys.stderr)
+    stats = None
+    for chunk in stream(model, prompt, system=args.system, raw=raw, **sampling):
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+        stats = chunk.stats
+    sys.stdout.write("\n")
+    if args.verbose and stats is not None:
+        print(stats.summary(), file=sys.stderr)
+    return 0
+
+
+def convert_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m gemma_mlx convert",
+        description="Write an MLX model folder (the mlx-community layout) from a Hugging Face "
+                    "checkpoint folder, a Hub repo or a GGUF file.")
+    parser.add_argument("source", help="checkpoint folder, Hub repo id, alias or .gguf file")
+    parser.add_argument("--out", "-o", required=True, help="the folder to write")
+    parser.add_argument("--bits", type=int, choices=(4, 8), default=4,
+                        help="quantization bits for unquantized checkpoints (default: 4)")
+    parser.add_argument("--group-size", type=int, choices=(32, 64), default=64,
+                        help="quantization group size (default: 64)")
+    parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None,
+                        help="dtype of the unquantized tensors (default: as stored)")
+    parser.add_argument("--no-quantize", action="store_true",
+                        help="keep an unquantized checkpoint unquantized")
+    args = parser.parse_args(argv)
+    from .convert import convert
+
+    out = convert(args.source, args.out, bits=args.bits, group_size=args.group_size,
+                  dtype=args.dtype, quantize=not args.no_quantize)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def chat_command(argv: list[str]) -> int:
+    raise BadRequest("the chat app is not built yet: use one-shot questions for now")
+
+
+def bench_command(argv: list[str]) -> int:
+    raise BadRequest("the benchmark command is not built yet")

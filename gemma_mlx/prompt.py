@@ -1,0 +1,113 @@
+"""The Gemma 3 turn format, rendered in Python exactly as the official chat template renders it.
+
+Messages are dicts as in transformers: {"role": "system"|"user"|"assistant", "content": str or
+[{"type": "text", "text": ...}, {"type": "image"}]}. A leading system message is folded into the
+first user turn; every image becomes `<start_of_image>`, which the processor then expands into
+the 256 soft tokens framed by blank lines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from .errors import BadRequest
+
+BOS = "<bos>"
+START_OF_TURN = "<start_of_turn>"
+END_OF_TURN = "<end_of_turn>"
+START_OF_IMAGE = "<start_of_image>"
+END_OF_IMAGE = "<end_of_image>"
+GENERATION_PROMPT = f"{START_OF_TURN}model\n"
+
+# The chat template of Google's instruction-tuned Gemma 3 checkpoints (tokenizer_config.json),
+# supplied to tokenizers that come without one (GGUF imports).
+CHAT_TEMPLATE = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\\n\\n' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
+    {{ '<end_of_turn>\\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model\\n'}}
+{%- endif -%}
+"""
+
+
+def render(messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
+           bos: bool = True) -> str:
+    """The template's output for these messages (images as `<start_of_image>`)."""
+    messages = list(messages)
+    prefix = ""
+    if messages and messages[0]["role"] == "system":
+        prefix = _system_text(messages[0]["content"]) + "\n\n"
+        messages = messages[1:]
+    parts = [BOS] if bos else []
+    for i, message in enumerate(messages):
+        if (message["role"] == "user") != (i % 2 == 0):
+            raise BadRequest("conversation roles must alternate user/assistant/user/...")
+        role = "model" if message["role"] == "assistant" else message["role"]
+        parts.append(f"{START_OF_TURN}{role}\n{prefix if i == 0 else ''}")
+        parts.append(_content_text(message["content"]))
+        parts.append(f"{END_OF_TURN}\n")
+    if add_generation_prompt:
+        parts.append(GENERATION_PROMPT)
+    return "".join(parts)
+
+
+def expand_images(text: str, tokens_per_image: int, image_token: str) -> str:
+    """Each `<start_of_image>` becomes the full image block, as Gemma3Processor expands it."""
+    block = f"\n\n{START_OF_IMAGE}{image_token * tokens_per_image}{END_OF_IMAGE}\n\n"
+    return text.replace(START_OF_IMAGE, block)
+
+
+def _system_text(content: str | list) -> str:
+    return content if isinstance(content, str) else content[0]["text"]
+
+
+def _content_text(content: str | list) -> str:
+    if isinstance(content, str):
+        return _jinja_trim(content)
+    out = []
+    for item in content:
+        if item["type"] == "image":
+            out.append(START_OF_IMAGE)
+        elif item["type"] == "text":
+            out.append(_jinja_trim(item["text"]))
+    return "".join(out)
+
+
+def _jinja_trim(s: str) -> str:
+    """Jinja's `trim` filter is Python's str.strip()."""
+    return s.strip()
