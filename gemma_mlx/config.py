@@ -32,11 +32,15 @@ class TextConfig:
     rope_global_base: float = 1_000_000.0
     rope_local_base: float = 10_000.0
     rope_global_scale: float = 1.0  # linear RoPE scaling factor of the global layers (8 on 4B+)
+    # The checkpoint's own dtype: sqrt(hidden) is rounded to it, as in transformers, whatever
+    # dtype we compute in.
+    dtype: str = "bfloat16"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TextConfig:
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d and d[k] is not None}
         known.pop("layer_types", None)
+        known["dtype"] = str(d.get("dtype") or d.get("torch_dtype") or "bfloat16")
         cfg = cls(**known)
         cfg.layer_types = _layer_types(d, cfg.num_hidden_layers)
         cfg.rope_global_base, cfg.rope_global_scale, cfg.rope_local_base = _rope(d)
@@ -48,8 +52,10 @@ class TextConfig:
     def to_hf(self) -> dict[str, Any]:
         """The original (transformers 4.50) style, which every Gemma 3 loader reads."""
         d = asdict(self)
-        for k in ("layer_types", "rope_global_base", "rope_local_base", "rope_global_scale"):
+        for k in ("layer_types", "rope_global_base", "rope_local_base", "rope_global_scale",
+                  "dtype"):
             d.pop(k)
+        d["torch_dtype"] = self.dtype
         d["rope_theta"] = self.rope_global_base
         d["rope_local_base_freq"] = self.rope_local_base
         d["rope_scaling"] = (
@@ -100,7 +106,8 @@ class ModelConfig:
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         model_type = d.get("model_type", "gemma3_text")
         if "text_config" in d:
-            text = TextConfig.from_dict(d["text_config"] or {})
+            dtype = d.get("dtype") or d.get("torch_dtype")
+            text = TextConfig.from_dict({"torch_dtype": dtype, **(d["text_config"] or {})})
         else:
             text = TextConfig.from_dict(d)
         vision = VisionConfig.from_dict(d["vision_config"]) if d.get("vision_config") else None

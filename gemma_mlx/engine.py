@@ -90,24 +90,51 @@ class Chunk:
 
 
 def prefill(model: Model, ids: Sequence[int], cache: list, chunk: int = PREFILL_CHUNK,
-            pixel_values: mx.array | None = None) -> mx.array:
+            image_features: mx.array | None = None) -> mx.array:
     """Run the prompt through the model in chunks; return the last position's logits [vocab].
-    Only the last position goes through the output head (262k columns)."""
-    ids = mx.array(ids)[None]
-    start = 0
-    while ids.shape[1] - start > chunk:
-        model.net.hidden(ids[:, start:start + chunk], cache)
+
+    A chunk never ends inside an image (its tokens attend to each other both ways), and each
+    chunk gets the soft tokens of the images it holds. Only the last position goes through
+    the output head (262k columns)."""
+    image_token = model.config.image_token_index
+    ids = list(ids)
+    start, images_done = 0, 0
+    per_image = model.config.mm_tokens_per_image
+    while True:
+        end = chunk_end(ids, start, chunk, image_token)
+        n_images = sum(1 for t in ids[start:end] if t == image_token) // per_image
+        features = None
+        if image_features is not None and n_images:
+            features = image_features[images_done:images_done + n_images]
+        images_done += n_images
+        h = model.net.hidden(mx.array(ids[start:end])[None], cache, features)
+        if end == len(ids):
+            return model.net.logits(h[:, -1, :])[0]
         mx.eval([c.state for c in cache])
-        start += chunk
         mx.clear_cache()
-    h = model.net.hidden(ids[:, start:], cache, pixel_values)
-    return model.net.logits(h[:, -1, :])[0]
+        start = end
+
+
+def chunk_end(ids: Sequence[int], start: int, chunk: int, image_token: int) -> int:
+    """`start + chunk`, moved back to the start of an image it would cut (or, when the image
+    began before `start`, forward to its end)."""
+    end = min(start + chunk, len(ids))
+    if end == len(ids) or not (ids[end - 1] == image_token == ids[end]):
+        return end
+    back = end
+    while back > start and ids[back - 1] == image_token:
+        back -= 1
+    if back > start:
+        return back
+    while end < len(ids) and ids[end] == image_token:
+        end += 1
+    return end
 
 
 def generate_tokens(model: Model, prompt: Sequence[int], cache: list,
                     settings: SamplingSettings, stats: Stats,
                     should_stop: Callable[[], bool] = lambda: False,
-                    ) -> Iterator[int]:
+                    image_features: mx.array | None = None) -> Iterator[int]:
     """Yield sampled token ids. Decode is pipelined: step n+1 is queued with `mx.async_eval`
     before step n's token is read, so Python and the device overlap."""
     if settings.seed is not None:
@@ -129,7 +156,7 @@ def generate_tokens(model: Model, prompt: Sequence[int], cache: list,
         return sample(model.net.logits(model.net.hidden(token[None], cache)[:, -1, :])[0])
 
     start = time.perf_counter()
-    token = sample(prefill(model, prompt, cache))
+    token = sample(prefill(model, prompt, cache, image_features=image_features))
     mx.eval(token)
     stats.prompt_tokens = len(prompt)
     stats.prompt_seconds = time.perf_counter() - start
@@ -151,7 +178,8 @@ def generate_tokens(model: Model, prompt: Sequence[int], cache: list,
 
 def stream_tokens(model: Model, prompt: Sequence[int], settings: SamplingSettings,
                   cache: list | None = None,
-                  should_stop: Callable[[], bool] = lambda: False) -> Iterator[Chunk]:
+                  should_stop: Callable[[], bool] = lambda: False,
+                  image_features: mx.array | None = None) -> Iterator[Chunk]:
     """Generate from prompt ids, yielding text chunks; stops at <end_of_turn> / <eos>."""
     settings.validate()
     if len(prompt) == 0:
@@ -170,7 +198,8 @@ def stream_tokens(model: Model, prompt: Sequence[int], settings: SamplingSetting
     mx.reset_peak_memory()
     tokens: list[int] = []
     finish = "length"
-    for token in generate_tokens(model, prompt, cache, settings, stats, should_stop):
+    for token in generate_tokens(model, prompt, cache, settings, stats, should_stop,
+                                 image_features):
         if token in stop_ids:
             finish = "stop"
             break

@@ -22,6 +22,7 @@ from .config import ModelConfig
 from .errors import BadCheckpoint
 from .hub import resolve
 from .model.gemma3 import Gemma3
+from .model.vision import sanitize_vision_weights
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
@@ -60,7 +61,7 @@ class Model:
     def description(self) -> str:
         """e.g. 'gemma-3-4b-it-qat-4bit (4-bit g64)'."""
         q = self.quantization
-        quant = f"{q['bits']}-bit g{q['group_size']}" if q else str(self.net.decoder.stored_dtype)
+        quant = f"{q['bits']}-bit g{q['group_size']}" if q else self.config.text.dtype
         return f"{self.path.name} ({quant})"
 
     @property
@@ -89,6 +90,7 @@ def load_net(path: Path, quantize: QuantizeSpec | None = None,
         quantization = _quantize_like_checkpoint(net, weights, quantization or {})
     else:
         quantization = None
+    dtype = dtype or compute_dtype()
     if dtype is not None:
         weights = _cast(weights, DTYPES[dtype])
     try:
@@ -100,6 +102,12 @@ def load_net(path: Path, quantize: QuantizeSpec | None = None,
         quantization = quantize_text_decoder(net, quantize)
     mx.eval(net.parameters())
     return net, quantization
+
+
+def compute_dtype() -> str | None:
+    """float32 on MLX's CPU backend, which has no fast half-precision kernels (bf16 runs about
+    7x slower there); the checkpoint's own dtype on a GPU."""
+    return "float32" if mx.default_device() == mx.cpu else None
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -140,27 +148,21 @@ def read_weights(path: Path) -> dict[str, mx.array]:
 def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     """Map every known checkpoint layout onto ours (`language_model.model.*`, ...)."""
     out = {}
-    for key, value in weights.items():
-        key = _our_key(key)
+    for key, value in sanitize_vision_weights(weights).items():
+        key = _language_key(key)
         if key is not None:
             out[key] = value
     return out
 
 
-def _our_key(key: str) -> str | None:
+def _language_key(key: str) -> str | None:
     if key.startswith(("lm_head.", "language_model.lm_head.")):
         return None  # the head is tied to the embedding
-    for prefix, ours in (
-        ("model.language_model.", "language_model.model."),
-        ("model.vision_tower.", "vision_tower."),
-        ("model.multi_modal_projector.", "multi_modal_projector."),
-        ("language_model.model.", "language_model.model."),
-        ("vision_tower.", "vision_tower."),
-        ("multi_modal_projector.", "multi_modal_projector."),
-        ("model.", "language_model.model."),
-    ):
+    if key.startswith(("vision_tower.", "multi_modal_projector.", "language_model.model.")):
+        return key
+    for prefix in ("model.language_model.", "model."):
         if key.startswith(prefix):
-            return ours + key[len(prefix):]
+            return "language_model.model." + key[len(prefix):]
     return key
 
 

@@ -1,5 +1,10 @@
 """The whole Gemma 3 model: the text decoder, and (on 4B+) the SigLIP tower and projector.
 
+An image becomes 256 soft tokens: the projector's vectors replace the embeddings at the image
+token positions (they are not scaled by sqrt(hidden), text embeddings are). During prefill the
+tokens of one image attend to each other in both directions; everything else is causal (and
+windowed on sliding layers), as transformers' Gemma 3 does it.
+
 Parameter names follow the mlx-vlm / transformers multimodal layout
 (`language_model.model.*`, `vision_tower.*`, `multi_modal_projector.*`); text-only checkpoints
 are mapped onto it by the loader.
@@ -7,11 +12,15 @@ are mapped onto it by the loader.
 
 from __future__ import annotations
 
+from typing import Any
+
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.base import create_causal_mask
 
 from ..config import ModelConfig, TextConfig
 from .text import TextDecoder
+from .vision import MultiModalProjector, VisionTower
 
 
 class LanguageModel(nn.Module):
@@ -25,6 +34,10 @@ class Gemma3(nn.Module):
         super().__init__()
         self.config = config
         self.language_model = LanguageModel(config.text)
+        if config.has_vision:
+            self.vision_tower = VisionTower(config.vision)
+            self.multi_modal_projector = MultiModalProjector(
+                config.vision, config.text.hidden_size, config.mm_tokens_per_image)
 
     @property
     def decoder(self) -> TextDecoder:
@@ -32,18 +45,71 @@ class Gemma3(nn.Module):
 
     def __call__(self, ids: mx.array, cache: list | None = None,
                  pixel_values: mx.array | None = None) -> mx.array:
-        """Token ids [B, L] in, logits [B, L, vocab] out (the mlx-lm convention)."""
-        return self.logits(self.hidden(ids, cache, pixel_values))
+        """Token ids [B, L] in, logits [B, L, vocab] out (the mlx-lm convention).
+        `pixel_values` [n_images, 3, H, W] fill the image token positions, in order."""
+        features = self.encode_images(pixel_values) if pixel_values is not None else None
+        return self.logits(self.hidden(ids, cache, features))
+
+    def encode_images(self, pixel_values: mx.array) -> mx.array:
+        """[n_images, 3, H, W] -> [n_images, mm_tokens_per_image, text hidden]."""
+        if not self.config.has_vision:
+            raise ValueError("this model has no vision tower; it takes text only")
+        return self.multi_modal_projector(self.vision_tower(pixel_values))
 
     def hidden(self, ids: mx.array, cache: list | None = None,
-               pixel_values: mx.array | None = None) -> mx.array:
+               image_features: mx.array | None = None) -> mx.array:
         """Final hidden states [B, L, hidden]: the engine takes logits of the last one only."""
-        if pixel_values is not None:
-            raise ValueError("this model has no vision tower; it takes text only")
-        return self.decoder(self.decoder.embed(ids), cache)
+        h = self.decoder.embed(ids)
+        is_image = ids == self.config.image_token_index
+        masks = None
+        if image_features is not None:
+            h = merge_image_features(h, is_image, image_features)
+        if ids.shape[1] > 1 and self.config.has_vision and is_image.any().item():
+            masks = image_block_masks(is_image[0], cache, self.config.text)
+        return self.decoder(h, cache, masks)
 
     def logits(self, h: mx.array) -> mx.array:
         return self.decoder.logits(h)
 
     def make_cache(self) -> list:
         return self.decoder.make_cache()
+
+
+def merge_image_features(h: mx.array, is_image: mx.array, features: mx.array) -> mx.array:
+    """Put the soft tokens, in order, where the image tokens are (no sqrt(hidden) scaling)."""
+    flat = features.reshape(-1, features.shape[-1]).astype(h.dtype)
+    n_slots = is_image.sum().item()
+    if n_slots != flat.shape[0]:
+        raise ValueError(f"the prompt has {n_slots} image tokens but the images give "
+                         f"{flat.shape[0]} soft tokens")
+    index = mx.maximum(mx.cumsum(is_image.reshape(-1).astype(mx.int32)) - 1, 0)
+    merged = mx.where(is_image.reshape(-1)[:, None], flat[index], h.reshape(-1, h.shape[-1]))
+    return merged.reshape(h.shape)
+
+
+def image_block_masks(is_image: mx.array, cache: list | None, cfg: TextConfig) -> tuple[Any, Any]:
+    """(global, sliding) boolean masks for a prefill chunk [L] containing image tokens.
+
+    Causal (and windowed on sliding layers) over the cached keys plus the chunk, widened so
+    that the tokens of one image block see each other both ways. A chunk never splits an
+    image, so blocks only pair up inside the chunk."""
+    L = is_image.shape[0]
+    starts = is_image & ~mx.concatenate([mx.array([False]), is_image[:-1]])
+    block = mx.where(is_image, mx.cumsum(starts.astype(mx.int32)), -1)
+    same_block = (block[:, None] == block[None, :]) & (block[:, None] >= 0)
+
+    def widen(mask: mx.array) -> mx.array:
+        past = mx.zeros((L, mask.shape[-1] - L), dtype=mx.bool_)
+        return mask | mx.concatenate([past, same_block], axis=-1)
+
+    global_offset = sliding_offset = 0
+    if cache is not None:
+        types = cfg.layer_types
+        if "full_attention" in types:
+            global_offset = cache[types.index("full_attention")].offset
+        if "sliding_attention" in types:
+            rotating = cache[types.index("sliding_attention")]
+            sliding_offset = min(rotating.max_size - 1, rotating.offset)
+    global_mask = widen(create_causal_mask(L, global_offset))
+    sliding_mask = widen(create_causal_mask(L, sliding_offset, window_size=cfg.sliding_window))
+    return global_mask, sliding_mask

@@ -101,15 +101,11 @@ class TextDecoder(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def embed(self, ids: mx.array) -> mx.array:
-        """Scaled token embeddings. The scale is rounded to the stored weights' dtype first
+        """Scaled token embeddings. The scale is rounded to the checkpoint's dtype first
         (bf16: 50.5 for 2560), as transformers' scaled embedding does."""
         h = self.embed_tokens(ids)
-        return h * mx.array(self.cfg.hidden_size**0.5, self.stored_dtype).astype(h.dtype)
-
-    @property
-    def stored_dtype(self) -> mx.Dtype:
-        emb = self.embed_tokens
-        return emb.scales.dtype if hasattr(emb, "scales") else emb.weight.dtype
+        scale = mx.array(self.cfg.hidden_size**0.5, getattr(mx, self.cfg.dtype))
+        return h * scale.astype(h.dtype)
 
     def __call__(self, h: mx.array, cache: list | None = None,
                  masks: tuple[Any, Any] | None = None) -> mx.array:

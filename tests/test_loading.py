@@ -1,0 +1,143 @@
+"""Loading from local folders laid out exactly like the Hub repos, offline."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from conftest import TINY_TEXT
+from mlx.utils import tree_flatten
+
+import gemma_mlx
+from gemma_mlx.config import ModelConfig
+from gemma_mlx.convert import convert
+from gemma_mlx.errors import BadCheckpoint, ModelNotFound
+from gemma_mlx.model.gemma3 import Gemma3
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            shutil.copy(src / name, dst / name)
+
+
+@pytest.fixture(scope="module")
+def google_text_folder(tmp_path_factory, folder_270m) -> Path:
+    """A tiny random Gemma 3 text checkpoint in Google's original layout (bf16, `model.*`)."""
+    folder = tmp_path_factory.mktemp("google-text")
+    net = Gemma3(ModelConfig.from_dict(TINY_TEXT))
+    weights = {k.replace("language_model.model.", "model.", 1): (mx.random.normal(v.shape) * 0.2)
+               .astype(mx.bfloat16) for k, v in tree_flatten(net.parameters())}
+    mx.save_safetensors(str(folder / "model.safetensors"), weights)
+    config = {**TINY_TEXT, "architectures": ["Gemma3ForCausalLM"], "torch_dtype": "bfloat16",
+              "eos_token_id": [1, 106], "bos_token_id": 2, "pad_token_id": 0}
+    (folder / "config.json").write_text(json.dumps(config))
+    copy_tokenizer(folder_270m, folder)
+    return folder
+
+
+IDS = mx.array([[2, 818, 5279, 529, 7001, 563, 9079, 236761, 108]])
+
+
+def mlx_lm_logits(folder: Path) -> mx.array:
+    from mlx_lm import load
+
+    model, _ = load(str(folder))
+    model.set_dtype(mx.float32)  # we compute in float32 on the CPU; so must the reference
+    return model(IDS)
+
+
+def test_google_layout_unquantized_equals_mlx_lm(google_text_folder):
+    model = gemma_mlx.load(str(google_text_folder), quantize=False)
+    assert model.quantization is None
+    assert not isinstance(model.net.decoder.embed_tokens, nn.QuantizedEmbedding)
+    assert mx.allclose(model(IDS), mlx_lm_logits(google_text_folder), atol=1e-2, rtol=1e-2)
+
+
+def test_google_layout_is_quantized_to_4_bits_on_load(google_text_folder):
+    model = gemma_mlx.load(str(google_text_folder))
+    assert model.quantization == {"group_size": 64, "bits": 4}
+    q_proj = model.net.decoder.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, nn.QuantizedLinear) and q_proj.bits == 4
+    assert isinstance(model.net.decoder.embed_tokens, nn.QuantizedEmbedding)
+    full = gemma_mlx.load(str(google_text_folder), quantize=False)
+    # 4-bit weights move logits a little, not a lot
+    assert mx.abs(model(IDS) - full(IDS)).max().item() < 0.25 * mx.abs(full(IDS)).max().item()
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 64), (8, 32)])
+def test_our_convert_writes_the_mlx_community_layout(google_text_folder, tmp_path, bits,
+                                                     group_size):
+    out = convert(str(google_text_folder), tmp_path / "out", bits=bits, group_size=group_size)
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization"]["bits"] == bits
+    assert config["quantization"]["group_size"] == group_size
+    keys = mx.load(str(out / "model.safetensors")).keys()
+    assert "model.layers.0.self_attn.q_proj.scales" in keys  # mlx-lm's text layout
+    assert (out / "tokenizer.json").exists()
+    ours = gemma_mlx.load(str(out))
+    assert ours.quantization["bits"] == bits
+    assert mx.allclose(ours(IDS), mlx_lm_logits(out), atol=1e-3, rtol=1e-3)
+
+
+def test_mlx_lm_convert_output_loads_identically(google_text_folder, tmp_path):
+    from mlx_lm import convert as mlx_lm_convert
+
+    out = tmp_path / "mlx-lm"
+    mlx_lm_convert(str(google_text_folder), mlx_path=str(out), quantize=True, q_group_size=64,
+                   q_bits=4)
+    ours = gemma_mlx.load(str(out))
+    assert ours.quantization["bits"] == 4
+    assert mx.allclose(ours(IDS), mlx_lm_logits(out), atol=1e-3, rtol=1e-3)
+
+
+def test_missing_config_is_a_clear_error(tmp_path):
+    with pytest.raises(BadCheckpoint, match="no config.json"):
+        gemma_mlx.load(str(tmp_path))
+
+
+def test_corrupt_safetensors_is_a_clear_error(google_text_folder, tmp_path):
+    folder = tmp_path / "corrupt"
+    shutil.copytree(google_text_folder, folder)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 3])
+    with pytest.raises(BadCheckpoint, match="corrupt or truncated"):
+        gemma_mlx.load(str(folder))
+
+
+def test_unknown_model_name_lists_the_choices():
+    with pytest.raises(ModelNotFound, match="270m, 1b, 4b, 12b, 27b"):
+        gemma_mlx.load("gemma-9000")
+
+
+def offline_hub(monkeypatch, cache: Path) -> None:
+    """What HF_HUB_OFFLINE=1 HF_HUB_CACHE=... do (huggingface_hub reads them at import)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+
+
+def test_hub_repo_missing_offline_says_how_to_fix(monkeypatch, tmp_path):
+    offline_hub(monkeypatch, tmp_path)
+    with pytest.raises(ModelNotFound, match="not in the local Hub cache"):
+        gemma_mlx.load("mlx-community/gemma-3-1b-it-qat-4bit")
+
+
+def test_hub_repo_from_local_hub_cache(monkeypatch, tmp_path, google_text_folder):
+    """A repo already in huggingface_hub's cache loads offline, through the real Hub code."""
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--acme--tiny-gemma" / "snapshots" / ("0" * 40)
+    shutil.copytree(google_text_folder, snapshot)
+    (cache / "models--acme--tiny-gemma" / "refs").mkdir()
+    (cache / "models--acme--tiny-gemma" / "refs" / "main").write_text("0" * 40)
+    offline_hub(monkeypatch, cache)
+    model = gemma_mlx.load("acme/tiny-gemma")
+    assert model.path == snapshot
+    assert model(IDS).shape == (1, IDS.shape[1], 262144)
