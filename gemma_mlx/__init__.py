@@ -3,9 +3,11 @@
     import gemma_mlx
     model = gemma_mlx.load("4b")
     print(gemma_mlx.generate(model, "Why is the sky blue?", max_tokens=200))
+    chat = gemma_mlx.Chat(model, system="Be brief.")
+    print(chat.send("What is in this picture?", images=["photo.jpg"]))
 """
 
-from .chat import generate, stream
+from .chat import Attachment, Chat, Message, generate, stream
 from .engine import Chunk, SamplingSettings, Stats
 from .errors import BadCheckpoint, BadImage, BadRequest, ContextOverflow, GemmaError, ModelNotFound
 from .loading import Model, load
@@ -13,6 +15,7 @@ from .loading import Model, load
 __version__ = "0.1.0"
 
 __all__ = [
-    "BadCheckpoint", "BadImage", "BadRequest", "Chunk", "ContextOverflow", "GemmaError", "Model",
+    "Attachment", "BadCheckpoint", "BadImage", "BadRequest", "Chat", "Chunk", "ContextOverflow",
+    "GemmaError", "Message", "Model",
     "ModelNotFound", "SamplingSettings", "Stats", "__version__", "generate", "load", "stream",
 ]

@@ -1,18 +1,407 @@
-"""Conversations: from messages to prompt tokens, and replies streamed back.
+"""Conversations: history, image attachments, the context budget, and KV-cache reuse.
+
+The conversation keeps the model's KV cache between turns and remembers which token ids it
+holds. A new turn tokenizes the whole conversation, keeps the longest cached prefix and prefills
+only the rest; undo/retry trim the cache where the caches allow it, and re-prefill otherwise.
+Replies the model generated are replayed as the exact tokens it produced, so the cache matches.
 
 `generate` and `stream` are the one-message conversation (or a raw completion for base models).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import base64
+import io
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
-from .engine import Chunk, SamplingSettings, stream_tokens
-from .errors import BadRequest
-from .loading import Model
-from .prompt import render
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
+from .engine import Chunk, SamplingSettings, cache_offset, stream_tokens
+from .errors import BadImage, BadRequest, ContextOverflow
+from .images import ImageSource, image_hash, load_image, pan_and_scan, preprocess
+from .loading import Model
+from .prompt import (
+    END_OF_TURN,
+    GENERATION_PROMPT,
+    START_OF_TURN,
+    ImageTokens,
+    encode,
+    pan_and_scan_text,
+    render_turn,
+)
+
+SAVE_FORMAT = 1
+FEATURE_CACHE_SIZE = 32  # images whose vision features are kept (about 5 MB each on 4B)
+
+
+@dataclass
+class Attachment:
+    """An image in a message: the decoded picture, its content hash and where it came from."""
+
+    image: Any  # PIL.Image.Image, RGB
+    hash: str
+    source: str | None = None  # a path or URL, for saving; None for bytes / PIL input
+
+    @classmethod
+    def load(cls, source: ImageSource) -> Attachment:
+        image = load_image(source)
+        where = str(source) if isinstance(source, (str, Path)) else None
+        return cls(image, image_hash(image), where)
+
+
+@dataclass
+class Message:
+    role: str  # "user" or "assistant"
+    text: str
+    images: list[Attachment] = field(default_factory=list)
+    token_ids: list[int] | None = None  # a reply's own tokens, replayed exactly
+    stopped: bool = False  # a reply cut short (Esc / Ctrl-C / should_stop)
+
+
+class Chat:
+    """A conversation with one model.
+
+        chat = Chat(model, system="Be brief.")
+        print(chat.send("What is in this picture?", images=["photo.jpg"]))
+        for chunk in chat.stream("And the colours?"):
+            print(chunk.text, end="")
+    """
+
+    def __init__(self, model: Model, system: str | None = None, max_context: int | None = None,
+                 pan_and_scan: bool = False, **sampling: Any):
+        self.model = model
+        self.system = system
+        self.settings = SamplingSettings(**sampling)
+        self.settings.validate()
+        self.pan_and_scan = pan_and_scan
+        self.messages: list[Message] = []
+        self.notices: list[str] = []  # what the user should be told (e.g. turns dropped)
+        self.first_turn = 0  # messages before this index no longer fit the context window
+        limit = model.context_limit
+        if max_context is not None:
+            if max_context < 64:
+                raise BadRequest(f"max context must be at least 64 tokens (got {max_context})")
+            limit = min(limit, max_context)
+        self.context_limit = limit
+        self._cache: list | None = None
+        self._cached_ids: list[int] = []
+        self._features: dict[str, mx.array] = {}
+        self.last_prefill_tokens = 0  # how many tokens the last turn actually prefilled
+
+    # ---- the public conversation --------------------------------------------------------
+
+    def send(self, text: str, images: Sequence[ImageSource] = (), **overrides: Any) -> str:
+        """Send a message and return the whole reply."""
+        return "".join(chunk.text for chunk in self.stream(text, images, **overrides))
+
+    def stream(self, text: str, images: Sequence[ImageSource] = (),
+               should_stop: Callable[[], bool] = lambda: False, keep_partial: bool = True,
+               **overrides: Any) -> Iterator[Chunk]:
+        """Send a message and stream the reply. If it fails before the reply starts, the
+        conversation is exactly as it was; a reply cut short is kept, marked `stopped`
+        (or dropped, with `keep_partial=False`)."""
+        if not text.strip() and not images:
+            raise BadRequest("the message is empty: type something or attach an image")
+        attachments = [self._attachment(source) for source in images]
+        history = [*self.messages, Message("user", text, attachments)]
+        yield from self._reply(history, should_stop, keep_partial, overrides)
+
+    def retry(self, should_stop: Callable[[], bool] = lambda: False, keep_partial: bool = True,
+              **overrides: Any) -> Iterator[Chunk]:
+        """Generate the last reply again (a new sample)."""
+        if not self.messages or self.messages[-1].role != "assistant":
+            raise BadRequest("there is no reply to retry yet")
+        yield from self._reply(self.messages[:-1], should_stop, keep_partial, overrides)
+
+    def undo(self) -> Message | None:
+        """Remove the last exchange (the reply and the message it answered); return the
+        message, so a caller can put its text back in the input box."""
+        if not self.messages:
+            return None
+        if self.messages[-1].role == "assistant":
+            self.messages.pop()
+        user = self.messages.pop() if self.messages else None
+        self.first_turn = min(self.first_turn, len(self.messages))
+        return user
+
+    def clear(self) -> None:
+        self.messages.clear()
+        self.first_turn = 0
+        self._cache, self._cached_ids = None, []
+
+    @property
+    def tokens_used(self) -> int:
+        """Tokens of the conversation as the model sees it now."""
+        if not self.visible_messages():
+            return 0
+        return len(self._conversation_ids(self.visible_messages(), generation_prompt=False))
+
+    def prompt_tokens(self, text: str, images: Sequence[ImageSource] = ()) -> list[int]:
+        """The token ids the model would see if this message were sent now."""
+        attachments = [self._attachment(source) for source in images]
+        history = [*self.visible_messages(), Message("user", text, attachments)]
+        return self._conversation_ids(history)
+
+    def visible_messages(self) -> list[Message]:
+        return self.messages[self.first_turn:]
+
+    # ---- saving ------------------------------------------------------------------------
+
+    def save(self, path: str | Path, embed_images: bool = True) -> Path:
+        """JSON with the messages and settings. Images are embedded (PNG, base64) or, with
+        `embed_images=False`, referenced by path with their content hash."""
+        path = Path(path)
+        data = {
+            "format": SAVE_FORMAT,
+            "model": self.model.name,
+            "system": self.system,
+            "settings": self.settings.__dict__,
+            "first_turn": self.first_turn,
+            "messages": [_message_to_json(m, embed_images) for m in self.messages],
+        }
+        path.write_text(json.dumps(data, indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, model: Model, **overrides: Any) -> Chat:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+            settings = {**data.get("settings", {}), **overrides}
+            chat = cls(model, system=data.get("system"), **settings)
+            chat.messages = [_message_from_json(m, path.parent) for m in data["messages"]]
+            chat.first_turn = int(data.get("first_turn", 0))
+        except FileNotFoundError as e:
+            raise BadRequest(f"no saved chat at {path}: check the path") from e
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise BadRequest(f"{path} is not a saved gemma-mlx chat ({e})") from e
+        if any(m.images for m in chat.messages) and not model.config.has_vision:
+            raise BadImage(f"{path} has images but {model.name} takes text only: "
+                           "open it with a vision model (4b, 12b, 27b)")
+        return chat
+
+    # ---- turns -------------------------------------------------------------------------
+
+    def _reply(self, history: list[Message], should_stop: Callable[[], bool],
+               keep_partial: bool, overrides: dict) -> Iterator[Chunk]:
+        settings = replace(self.settings, **overrides)
+        settings.validate()
+        first, ids = self._fit(history, settings)
+        visible = history[first:]
+        reuse = self._reuse_cache(ids)
+        new_ids = ids[reuse:]
+        features = self._image_features(visible, skip_blocks=self._image_blocks(ids[:reuse]))
+        self.last_prefill_tokens = len(new_ids)
+        if first > self.first_turn:
+            self.notices.append(f"the conversation outgrew the context window "
+                                f"({self.context_limit} tokens): dropped the oldest "
+                                f"{first - self.first_turn} message(s)")
+        tokens: list[int] = []
+        chunk = None
+        stop_token = None
+        try:
+            for chunk in stream_tokens(self.model, new_ids, settings, cache=self._cache,
+                                       should_stop=should_stop, image_features=features,
+                                       context_limit=self.context_limit):
+                tokens = chunk.tokens
+                if chunk.finish_reason == "stop":
+                    stop_token = chunk.token
+                yield chunk
+        except GeneratorExit:  # the caller stopped reading: a clean stop between tokens
+            self._finish(history, first, ids, tokens, "cancelled", keep_partial)
+            raise
+        except BaseException:
+            self._cache, self._cached_ids = None, []  # a half-run step: rebuild next turn
+            if tokens:
+                self._finish(history, first, ids, tokens, "cancelled", keep_partial,
+                             cache_valid=False)
+            raise
+        self._finish(history, first, ids, tokens, chunk.finish_reason, keep_partial,
+                     stop_token=stop_token)
+
+    def _finish(self, history: list[Message], first: int, ids: list[int], tokens: list[int],
+                finish_reason: str | None, keep_partial: bool, cache_valid: bool = True,
+                stop_token: int | None = None) -> None:
+        stopped = finish_reason == "cancelled"
+        if cache_valid and self._cache is not None:
+            fed = ids + tokens + ([stop_token] if stop_token is not None else [])
+            self._cached_ids = fed[:cache_offset(self._cache)]
+        if stopped and not keep_partial:
+            return  # the conversation stays as it was before this turn
+        text = self.model.tokenizer.decode(tokens)
+        self.messages = [*history, Message("assistant", text, token_ids=list(tokens),
+                                           stopped=stopped)]
+        self.first_turn = first
+
+    def _fit(self, history: list[Message], settings: SamplingSettings) -> tuple[int, list[int]]:
+        """Drop the oldest turns (whole exchanges, images with them; the system prompt stays)
+        until the prompt leaves room for a reply. Returns (first kept index, prompt ids)."""
+        room = min(settings.max_tokens, self.context_limit // 4)
+        first = self.first_turn
+        while True:
+            ids = self._conversation_ids(history[first:])
+            if len(ids) + room <= self.context_limit:
+                return first, ids
+            if first + 2 >= len(history):
+                raise ContextOverflow(
+                    f"this message needs {len(ids)} tokens but the context window holds "
+                    f"{self.context_limit} (with {room} kept for the reply): shorten it"
+                    + (", or raise --max-context" if self.context_limit < self.model.context_limit
+                       else ""))
+            first += 2
+
+    def _reuse_cache(self, ids: list[int]) -> int:
+        """Keep the longest cached prefix of `ids` (at least one token must be new); trim the
+        cache to it, or start a fresh cache if it cannot be trimmed. Returns the prefix length."""
+        if self._cache is None:
+            self._cache, self._cached_ids = self.model.make_cache(), []
+        common = 0
+        for a, b in zip(self._cached_ids, ids, strict=False):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(ids) - 1)
+        excess = len(self._cached_ids) - common
+        if excess > 0:
+            if can_trim_prompt_cache(self._cache):
+                trim_prompt_cache(self._cache, excess)
+            else:  # a rotating cache that has wrapped: its old keys are gone
+                self._cache, common = self.model.make_cache(), 0
+        self._cached_ids = ids[:common]
+        return common
+
+    # ---- tokens and images -------------------------------------------------------------
+
+    def _conversation_ids(self, messages: Sequence[Message],
+                          generation_prompt: bool = True) -> list[int]:
+        tokenizer = self.model.tokenizer
+        ids = [tokenizer.bos_token_id]
+        prefix = f"{self.system}\n\n" if self.system else ""
+        for i, message in enumerate(messages):
+            if (message.role == "user") != (i % 2 == 0):
+                raise BadRequest("conversation roles must alternate user/assistant/user/...")
+            if message.role == "assistant" and message.token_ids is not None:
+                ids += encode(tokenizer, f"{START_OF_TURN}model\n") + message.token_ids
+                ids += encode(tokenizer, f"{END_OF_TURN}\n")
+                continue
+            content = self._content(message)
+            text = render_turn(message.role, content, prefix if i == 0 else "")
+            ids += encode(tokenizer, text, self._image_tokens())
+        if generation_prompt:
+            ids += encode(tokenizer, GENERATION_PROMPT)
+        return ids
+
+    def _content(self, message: Message) -> str | list:
+        if not message.images:
+            return message.text
+        items: list[dict] = []
+        for attachment in message.images:
+            crops = self._crops(attachment)
+            if crops:
+                items.append({"type": "text", "text": pan_and_scan_text(len(crops))})
+            else:
+                items.append({"type": "image"})
+        items.append({"type": "text", "text": message.text})
+        return items
+
+    def _image_tokens(self) -> ImageTokens | None:
+        cfg = self.model.config
+        if not cfg.has_vision:
+            return None
+        return ImageTokens(cfg.boi_token_index, cfg.eoi_token_index, cfg.image_token_index,
+                           cfg.mm_tokens_per_image)
+
+    def _attachment(self, source: ImageSource) -> Attachment:
+        if not self.model.config.has_vision:
+            raise BadImage(f"{self.model.name} takes text only: use a vision model "
+                           "(4b, 12b, 27b) to send images")
+        return Attachment.load(source)
+
+    def _crops(self, attachment: Attachment) -> list:
+        return pan_and_scan(attachment.image) if self.pan_and_scan else []
+
+    def _image_blocks(self, ids: Sequence[int]) -> int:
+        return sum(1 for t in ids if t == self.model.config.boi_token_index)
+
+    def _image_features(self, messages: Sequence[Message], skip_blocks: int) -> mx.array | None:
+        """Soft tokens [n_blocks, 256, hidden] for the image blocks not yet in the cache,
+        each picture encoded once (features cached by content hash)."""
+        pictures = []
+        for message in messages:
+            if message.role == "assistant" and message.token_ids is not None:
+                continue
+            for attachment in message.images:
+                pictures.append((attachment.hash, attachment.image))
+                for j, crop in enumerate(self._crops(attachment)):
+                    pictures.append((f"{attachment.hash}/crop{j}", crop))
+        needed = pictures[skip_blocks:]
+        if not needed:
+            return None
+        size = self.model.config.vision.image_size
+        missing = [(key, img) for key, img in needed if key not in self._features]
+        if missing:
+            pixels = mx.array(np.stack([preprocess(img, size) for _, img in missing]))
+            encoded = self.model.net.encode_images(pixels)
+            mx.eval(encoded)
+            for (key, _), features in zip(missing, encoded, strict=True):
+                self._features[key] = features
+            while len(self._features) > FEATURE_CACHE_SIZE:
+                self._features.pop(next(iter(self._features)))
+        return mx.stack([self._features[key] for key, _ in needed])
+
+
+# ---- saving helpers -------------------------------------------------------------------------
+
+def _message_to_json(message: Message, embed_images: bool) -> dict:
+    data: dict[str, Any] = {"role": message.role, "text": message.text}
+    if message.token_ids is not None:
+        data["token_ids"] = message.token_ids
+    if message.stopped:
+        data["stopped"] = True
+    if message.images:
+        data["images"] = [_image_to_json(a, embed_images) for a in message.images]
+    return data
+
+
+def _image_to_json(attachment: Attachment, embed: bool) -> dict:
+    data = {"sha256": attachment.hash, "source": attachment.source}
+    if embed or attachment.source is None:
+        buffer = io.BytesIO()
+        attachment.image.save(buffer, format="PNG")
+        data["png"] = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return data
+
+
+def _message_from_json(data: dict, base: Path) -> Message:
+    images = [_image_from_json(d, base) for d in data.get("images", [])]
+    return Message(data["role"], data["text"], images, data.get("token_ids"),
+                   bool(data.get("stopped", False)))
+
+
+def _image_from_json(data: dict, base: Path) -> Attachment:
+    if "png" in data:
+        attachment = Attachment.load(base64.b64decode(data["png"]))
+        attachment.source = data.get("source")
+    else:
+        source = data["source"]
+        path = Path(source) if "://" not in source else None
+        if path is not None and not path.is_absolute():
+            path = base / path
+        attachment = Attachment.load(path or source)
+    if attachment.hash != data["sha256"]:
+        raise BadImage(f"the image {data.get('source')} changed since the chat was saved "
+                       "(its content hash differs): restore it, or save chats with embedded "
+                       "images")
+    return attachment
+
+
+# ---- one-message conversations --------------------------------------------------------------
 
 def prompt_ids(model: Model, prompt: str, system: str | None = None,
                raw: bool | None = None) -> list[int]:
@@ -22,20 +411,25 @@ def prompt_ids(model: Model, prompt: str, system: str | None = None,
         raise BadRequest("the prompt is empty: give some text")
     if raw is None:
         raw = not model.has_chat_template
-    tokenizer = model.tokenizer
     if raw:
         text = f"{system}\n\n{prompt}" if system else prompt
-        return tokenizer.encode(text)
-    messages = ([{"role": "system", "content": system}] if system else [])
-    messages.append({"role": "user", "content": prompt})
-    return tokenizer.encode(render(messages), add_special_tokens=False)
+        return model.tokenizer.encode(text)
+    chat = Chat(model, system=system)
+    return chat.prompt_tokens(prompt)
 
 
 def stream(model: Model, prompt: str, *, system: str | None = None, raw: bool | None = None,
-           should_stop: Callable[[], bool] = lambda: False, **sampling: Any) -> Iterator[Chunk]:
+           images: Sequence[ImageSource] = (), should_stop: Callable[[], bool] = lambda: False,
+           **sampling: Any) -> Iterator[Chunk]:
     """Stream the reply to one message: chunks with text, token and running stats."""
     settings = SamplingSettings(**sampling)
     settings.validate()
+    if images:
+        if raw:
+            raise BadRequest("--raw completes plain text: images need the chat template")
+        chat = Chat(model, system=system, **sampling)
+        yield from chat.stream(prompt, images, should_stop=should_stop)
+        return
     ids = prompt_ids(model, prompt, system, raw)
     yield from stream_tokens(model, ids, settings, should_stop=should_stop)
 
@@ -43,3 +437,4 @@ def stream(model: Model, prompt: str, *, system: str | None = None, raw: bool | 
 def generate(model: Model, prompt: str, **kwargs: Any) -> str:
     """The whole reply to one message, as text."""
     return "".join(chunk.text for chunk in stream(model, prompt, **kwargs))
+

@@ -92,7 +92,7 @@ def oneshot_command(argv: list[str]) -> int:
     model = load(args.model)
     raw = True if args.raw else None
     if raw is None and not model.has_chat_template:
-        print(f"note: {model.path.name} has no chat template (a base model), so the prompt is "
+        print(f"note: {model.name} has no chat template (a base model), so the prompt is "
               "completed as plain text, as with --raw", file=sys.stderr)
     stats = None
     for chunk in stream(model, prompt, system=args.system, raw=raw, **sampling):

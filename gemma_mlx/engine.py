@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
@@ -80,7 +80,8 @@ class Stats:
 
 @dataclass
 class Chunk:
-    """One step of a stream: the new text (may be empty mid-character), its token, the stats."""
+    """One step of a stream: the new text (may be empty mid-character), its token, the stats.
+    The last chunk has a finish_reason, and as its token the stop token if one ended it."""
 
     text: str
     token: int | None
@@ -176,32 +177,39 @@ def generate_tokens(model: Model, prompt: Sequence[int], cache: list,
             mx.clear_cache()
 
 
+def cache_offset(cache: list) -> int:
+    """How many tokens the cache has seen (every layer's cache counts the same)."""
+    return cache[0].offset if cache else 0
+
+
 def stream_tokens(model: Model, prompt: Sequence[int], settings: SamplingSettings,
                   cache: list | None = None,
                   should_stop: Callable[[], bool] = lambda: False,
-                  image_features: mx.array | None = None) -> Iterator[Chunk]:
-    """Generate from prompt ids, yielding text chunks; stops at <end_of_turn> / <eos>."""
+                  image_features: mx.array | None = None,
+                  context_limit: int | None = None) -> Iterator[Chunk]:
+    """Generate from prompt ids (the tokens after those already in `cache`), yielding text
+    chunks; stops at <end_of_turn> / <eos>, at max_tokens or at the context limit."""
     settings.validate()
     if len(prompt) == 0:
         raise BadRequest("the prompt is empty: give some text to complete")
-    limit = model.context_limit
-    if len(prompt) >= limit:
-        raise ContextOverflow(f"the prompt is {len(prompt)} tokens but the context window holds "
-                              f"{limit}: shorten the prompt")
-    max_tokens = min(settings.max_tokens, limit - len(prompt))
-    settings = SamplingSettings(**{**settings.__dict__, "max_tokens": max_tokens})
     cache = cache if cache is not None else model.make_cache()
+    limit = context_limit or model.context_limit
+    used = cache_offset(cache) + len(prompt)
+    if used >= limit:
+        raise ContextOverflow(f"the prompt is {used} tokens but the context window holds "
+                              f"{limit}: shorten the prompt")
+    settings = replace(settings, max_tokens=min(settings.max_tokens, limit - used))
     stop_ids = set(model.config.eos_token_ids)
     detok = model.tokenizer.detokenizer
     detok.reset()
     stats = Stats()
     mx.reset_peak_memory()
     tokens: list[int] = []
-    finish = "length"
+    finish, stop_token = "length", None
     for token in generate_tokens(model, prompt, cache, settings, stats, should_stop,
                                  image_features):
         if token in stop_ids:
-            finish = "stop"
+            finish, stop_token = "stop", token
             break
         tokens.append(token)
         detok.add_token(token)
@@ -212,4 +220,4 @@ def stream_tokens(model: Model, prompt: Sequence[int], settings: SamplingSetting
             break
     detok.finalize()
     stats.peak_memory = mx.get_peak_memory()
-    yield Chunk(detok.last_segment, None, stats, finish_reason=finish, tokens=tokens)
+    yield Chunk(detok.last_segment, stop_token, stats, finish_reason=finish, tokens=tokens)

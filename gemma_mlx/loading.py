@@ -38,7 +38,9 @@ class QuantizeSpec:
 class Model:
     """A loaded Gemma 3: call it on token ids [B, L] for logits [B, L, vocab]."""
 
-    def __init__(self, net: Gemma3, tokenizer: Any, path: Path, quantization: dict | None):
+    def __init__(self, net: Gemma3, tokenizer: Any, path: Path, quantization: dict | None,
+                 name: str | None = None):
+        self.name = name or path.name  # what the user called it: an alias, repo id or path
         self.net = net
         self.tokenizer = tokenizer
         self.config: ModelConfig = net.config
@@ -62,7 +64,7 @@ class Model:
         """e.g. 'gemma-3-4b-it-qat-4bit (4-bit g64)'."""
         q = self.quantization
         quant = f"{q['bits']}-bit g{q['group_size']}" if q else self.config.text.dtype
-        return f"{self.path.name} ({quant})"
+        return f"{self.name} ({quant})"
 
     @property
     def context_limit(self) -> int:
@@ -75,7 +77,7 @@ def load(name_or_path: str, quantize: bool = True, bits: int = 4, group_size: in
     path = resolve(name_or_path, progress)
     spec = QuantizeSpec(bits, group_size) if quantize else None
     net, quantization = load_net(path, spec, dtype)
-    return Model(net, load_tokenizer(path), path, quantization)
+    return Model(net, load_tokenizer(path), path, quantization, name_or_path)
 
 
 def load_net(path: Path, quantize: QuantizeSpec | None = None,

@@ -9,6 +9,7 @@ the 256 soft tokens framed by blank lines.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import BadRequest
@@ -77,19 +78,54 @@ def render(messages: Sequence[dict[str, Any]], add_generation_prompt: bool = Tru
     for i, message in enumerate(messages):
         if (message["role"] == "user") != (i % 2 == 0):
             raise BadRequest("conversation roles must alternate user/assistant/user/...")
-        role = "model" if message["role"] == "assistant" else message["role"]
-        parts.append(f"{START_OF_TURN}{role}\n{prefix if i == 0 else ''}")
-        parts.append(_content_text(message["content"]))
-        parts.append(f"{END_OF_TURN}\n")
+        parts.append(render_turn(message["role"], message["content"], prefix if i == 0 else ""))
     if add_generation_prompt:
         parts.append(GENERATION_PROMPT)
     return "".join(parts)
 
 
-def expand_images(text: str, tokens_per_image: int, image_token: str) -> str:
-    """Each `<start_of_image>` becomes the full image block, as Gemma3Processor expands it."""
-    block = f"\n\n{START_OF_IMAGE}{image_token * tokens_per_image}{END_OF_IMAGE}\n\n"
-    return text.replace(START_OF_IMAGE, block)
+def render_turn(role: str, content: str | list, prefix: str = "") -> str:
+    """One turn: `<start_of_turn>{role}\n{prefix}{content, trimmed}<end_of_turn>\n`."""
+    role = "model" if role == "assistant" else role
+    return f"{START_OF_TURN}{role}\n{prefix}{_content_text(content)}{END_OF_TURN}\n"
+
+
+def pan_and_scan_text(n_crops: int) -> str:
+    """What Gemma3Processor puts in place of one image that pan-and-scan cut into crops."""
+    return (f"Here is the original image {START_OF_IMAGE} and here are some crops to help you "
+            "see better " + " ".join([START_OF_IMAGE] * n_crops))
+
+
+@dataclass(frozen=True)
+class ImageTokens:
+    """The ids that frame and fill one image block (from the model config)."""
+
+    start: int
+    end: int
+    soft: int
+    per_image: int
+
+
+def encode(tokenizer: Any, text: str, image: ImageTokens | None = None) -> list[int]:
+    """Token ids of rendered text, each `<start_of_image>` expanded into its image block.
+
+    Equal to tokenizing the processor's expanded text at once: HF tokenizers split on special
+    tokens before anything else, so the blank lines framing an image merge with the
+    neighbouring text exactly as they do here. The soft token ids are inserted directly, since
+    the 270M/1B vocabulary has no `<image_soft_token>` string."""
+    pieces = text.split(START_OF_IMAGE)
+    if len(pieces) > 1 and image is None:
+        raise BadRequest("this model takes text only: it has no vision tower for images")
+    ids: list[int] = []
+    for i, piece in enumerate(pieces):
+        before = "\n\n" if i > 0 else ""
+        after = "\n\n" if i < len(pieces) - 1 else ""
+        segment = before + piece + after
+        if segment:
+            ids += tokenizer.encode(segment, add_special_tokens=False)
+        if after:
+            ids += [image.start, *[image.soft] * image.per_image, image.end]
+    return ids
 
 
 def _system_text(content: str | list) -> str:
