@@ -419,15 +419,16 @@ def prompt_ids(model: Model, prompt: str, system: str | None = None,
 
 
 def stream(model: Model, prompt: str, *, system: str | None = None, raw: bool | None = None,
-           images: Sequence[ImageSource] = (), should_stop: Callable[[], bool] = lambda: False,
-           **sampling: Any) -> Iterator[Chunk]:
-    """Stream the reply to one message: chunks with text, token and running stats."""
+           images: Sequence[ImageSource] = (), pan_and_scan: bool = False,
+           should_stop: Callable[[], bool] = lambda: False, **sampling: Any) -> Iterator[Chunk]:
+    """Stream the reply to one message (with images, if any): chunks with text, token and
+    running stats."""
     settings = SamplingSettings(**sampling)
     settings.validate()
     if images:
         if raw:
             raise BadRequest("--raw completes plain text: images need the chat template")
-        chat = Chat(model, system=system, **sampling)
+        chat = Chat(model, system=system, pan_and_scan=pan_and_scan, **sampling)
         yield from chat.stream(prompt, images, should_stop=should_stop)
         return
     ids = prompt_ids(model, prompt, system, raw)

@@ -70,6 +70,10 @@ def oneshot_parser() -> argparse.ArgumentParser:
     parser.add_argument("prompt", help="the prompt; '-' reads it from stdin")
     add_model_option(parser)
     add_sampling_options(parser)
+    parser.add_argument("--image", "-i", action="append", default=[], metavar="PATH_OR_URL",
+                        help="attach an image (repeatable); needs a vision model (4b, 12b, 27b)")
+    parser.add_argument("--pan-and-scan", action="store_true",
+                        help="also show the model crops of large or non-square images")
     parser.add_argument("--raw", action="store_true",
                         help="complete the prompt as plain text, without the chat template "
                              "(automatic for base models, which have none)")
@@ -91,11 +95,12 @@ def oneshot_command(argv: list[str]) -> int:
     SamplingSettings(**sampling).validate()  # before the (slow) load
     model = load(args.model)
     raw = True if args.raw else None
-    if raw is None and not model.has_chat_template:
+    if raw is None and not model.has_chat_template and not args.image:
         print(f"note: {model.name} has no chat template (a base model), so the prompt is "
               "completed as plain text, as with --raw", file=sys.stderr)
     stats = None
-    for chunk in stream(model, prompt, system=args.system, raw=raw, **sampling):
+    extra = {"images": args.image, "pan_and_scan": args.pan_and_scan} if args.image else {}
+    for chunk in stream(model, prompt, system=args.system, raw=raw, **extra, **sampling):
         sys.stdout.write(chunk.text)
         sys.stdout.flush()
         stats = chunk.stats

@@ -141,3 +141,79 @@ def test_hub_repo_from_local_hub_cache(monkeypatch, tmp_path, google_text_folder
     model = gemma_mlx.load("acme/tiny-gemma")
     assert model.path == snapshot
     assert model(IDS).shape == (1, IDS.shape[1], 262144)
+
+
+TINY_VISION = {
+    "model_type": "gemma3",
+    "text_config": {**{k: v for k, v in TINY_TEXT.items() if k != "model_type"},
+                    "model_type": "gemma3_text", "vocab_size": 262208},
+    "vision_config": {"model_type": "siglip_vision_model", "image_size": 28, "patch_size": 14,
+                      "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                      "num_attention_heads": 2, "vision_use_head": False},
+    "mm_tokens_per_image": 4, "image_token_index": 262144, "boi_token_index": 255999,
+    "eoi_token_index": 256000, "eos_token_id": [1, 106],
+}
+
+
+@pytest.fixture(scope="module")
+def google_vision_folder(tmp_path_factory, folder_270m) -> Path:
+    """A tiny random multimodal Gemma 3 in Google's original layout: the patch conv in torch's
+    [out, in, kh, kw] order, `language_model.model.*` and `vision_tower.vision_model.*` keys."""
+    folder = tmp_path_factory.mktemp("google-vision")
+    net = Gemma3(ModelConfig.from_dict(TINY_VISION))
+    weights = {k: (mx.random.normal(v.shape) * 0.2) for k, v in tree_flatten(net.parameters())}
+    conv = "vision_tower.vision_model.embeddings.patch_embedding.weight"
+    weights[conv] = weights[conv].transpose(0, 3, 1, 2)
+    mx.save_safetensors(str(folder / "model.safetensors"), weights)
+    (folder / "config.json").write_text(json.dumps(TINY_VISION))
+    copy_tokenizer(folder_270m, folder)
+    return folder
+
+
+def image_prompt_ids() -> mx.array:
+    return mx.array([[2, 105, 2364, 107, 255999, *[262144] * 4, 256000, 108, 3689, 106, 107]])
+
+
+def test_google_vision_layout_and_our_mlx_community_convert_agree(google_vision_folder,
+                                                                  tmp_path):
+    pixels = mx.random.uniform(-1, 1, (1, 3, 28, 28))
+    google = gemma_mlx.load(str(google_vision_folder), quantize=False)
+    conv = google.net.vision_tower.vision_model.embeddings.patch_embedding.weight
+    assert conv.shape == (32, 14, 14, 3)  # transposed to MLX's layout on load
+    out = convert(str(google_vision_folder), tmp_path / "mlx", bits=8, group_size=32)
+    keys = mx.load(str(out / "model.safetensors")).keys()
+    assert "language_model.model.layers.0.mlp.down_proj.scales" in keys  # mlx-vlm layout
+    assert not any(k.startswith("vision_tower") and k.endswith(".scales") for k in keys)
+    converted = gemma_mlx.load(str(out))
+    assert converted.config.has_vision and converted.quantization["bits"] == 8
+    ids = image_prompt_ids()
+    expected = google(ids, pixel_values=pixels)
+    got = converted(ids, pixel_values=pixels)
+    assert got.shape == (1, ids.shape[1], 262208)
+    # 8-bit weights: close to the unquantized model, and the image changes the answer
+    assert mx.abs(got - expected).max().item() < 0.05 * mx.abs(expected).max().item()
+    other = converted(ids, pixel_values=mx.random.uniform(-1, 1, (1, 3, 28, 28)))
+    assert mx.abs(other - got).max().item() > 1e-3
+
+
+def test_quantized_vision_layers_load_as_the_files_say(google_vision_folder, tmp_path):
+    """mlx-community files may quantize the tower too: quantize exactly what has scales."""
+    google = gemma_mlx.load(str(google_vision_folder), quantize=False)
+    nn.quantize(google.net, group_size=32, bits=4,
+                class_predicate=lambda p, m: p.startswith("vision_tower") and
+                isinstance(m, nn.Linear))
+    folder = tmp_path / "qvision"
+    folder.mkdir()
+    weights = dict(tree_flatten(google.net.parameters()))
+    mx.save_safetensors(str(folder / "model.safetensors"), weights)
+    (folder / "config.json").write_text(json.dumps(
+        {**TINY_VISION, "quantization": {"group_size": 32, "bits": 4}}))
+    copy_tokenizer(google_vision_folder, folder)
+    loaded = gemma_mlx.load(str(folder))
+    fc1 = loaded.net.vision_tower.vision_model.encoder.layers[0].mlp.fc1
+    assert isinstance(fc1, nn.QuantizedLinear)
+    assert not isinstance(loaded.net.decoder.layers[0].mlp.up_proj, nn.QuantizedLinear)
+    pixels = mx.random.uniform(-1, 1, (1, 3, 28, 28))
+    ids = image_prompt_ids()
+    assert mx.allclose(loaded(ids, pixel_values=pixels), google(ids, pixel_values=pixels),
+                       atol=1e-4)
