@@ -51,8 +51,7 @@ class Attachment:
     @classmethod
     def load(cls, source: ImageSource) -> Attachment:
         image = load_image(source)
-        where = str(source) if isinstance(source, (str, Path)) else None
-        return cls(image, image_hash(image), where)
+        return cls(image, image_hash(image), _where(source))
 
 
 @dataclass
@@ -80,6 +79,7 @@ class Chat:
         self.settings = SamplingSettings(**sampling)
         self.settings.validate()
         self.pan_and_scan = pan_and_scan
+        self.max_context = max_context
         self.messages: list[Message] = []
         self.notices: list[str] = []  # what the user should be told (e.g. turns dropped)
         self.first_turn = 0  # messages before this index no longer fit the context window
@@ -91,6 +91,9 @@ class Chat:
         self.context_limit = limit
         self._cache: list | None = None
         self._cached_ids: list[int] = []
+        # Content keys of the image blocks of the prompt in the cache, in order: every image
+        # block has the same token ids, so a cached prefix must also have the same pictures.
+        self._cached_pictures: list[str] = []
         self._features: dict[str, mx.array] = {}
         self.last_prefill_tokens = 0  # how many tokens the last turn actually prefilled
 
@@ -143,10 +146,11 @@ class Chat:
         return len(self._conversation_ids(self.visible_messages(), generation_prompt=False))
 
     def prompt_tokens(self, text: str, images: Sequence[ImageSource] = ()) -> list[int]:
-        """The token ids the model would see if this message were sent now."""
+        """The token ids the model would see if this message were sent now (after dropping
+        the oldest turns that would no longer fit)."""
         attachments = [self._attachment(source) for source in images]
-        history = [*self.visible_messages(), Message("user", text, attachments)]
-        return self._conversation_ids(history)
+        history = [*self.messages, Message("user", text, attachments)]
+        return self._fit(history, self.settings)[1]
 
     def visible_messages(self) -> list[Message]:
         return self.messages[self.first_turn:]
@@ -162,6 +166,8 @@ class Chat:
             "model": self.model.name,
             "system": self.system,
             "settings": self.settings.__dict__,
+            "max_context": self.max_context,
+            "pan_and_scan": self.pan_and_scan,
             "first_turn": self.first_turn,
             "messages": [_message_to_json(m, embed_images) for m in self.messages],
         }
@@ -173,13 +179,15 @@ class Chat:
         path = Path(path)
         try:
             data = json.loads(path.read_text())
-            settings = {**data.get("settings", {}), **overrides}
-            chat = cls(model, system=data.get("system"), **settings)
+            options = {"max_context": data.get("max_context"),
+                       "pan_and_scan": bool(data.get("pan_and_scan", False)),
+                       **data.get("settings", {}), **overrides}
+            chat = cls(model, system=data.get("system"), **options)
             chat.messages = [_message_from_json(m, path.parent) for m in data["messages"]]
             chat.first_turn = int(data.get("first_turn", 0))
         except FileNotFoundError as e:
             raise BadRequest(f"no saved chat at {path}: check the path") from e
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
             raise BadRequest(f"{path} is not a saved gemma-mlx chat ({e})") from e
         if any(m.images for m in chat.messages) and not model.config.has_vision:
             raise BadImage(f"{path} has images but {model.name} takes text only: "
@@ -193,10 +201,10 @@ class Chat:
         settings = replace(self.settings, **overrides)
         settings.validate()
         first, ids = self._fit(history, settings)
-        visible = history[first:]
-        reuse = self._reuse_cache(ids)
+        pictures = self._pictures(history[first:])
+        reuse = self._reuse_cache(ids, [key for key, _ in pictures])
         new_ids = ids[reuse:]
-        features = self._image_features(visible, skip_blocks=self._image_blocks(ids[:reuse]))
+        features = self._image_features(pictures[self._image_blocks(ids[:reuse]):])
         self.last_prefill_tokens = len(new_ids)
         if first > self.first_turn:
             self.notices.append(f"the conversation outgrew the context window "
@@ -256,15 +264,22 @@ class Chat:
                        else ""))
             first += 2
 
-    def _reuse_cache(self, ids: list[int]) -> int:
-        """Keep the longest cached prefix of `ids` (at least one token must be new); trim the
-        cache to it, or start a fresh cache if it cannot be trimmed. Returns the prefix length."""
+    def _reuse_cache(self, ids: list[int], pictures: list[str]) -> int:
+        """Keep the longest cached prefix of `ids` (at least one token must be new) that holds
+        the same pictures (compared by content key at each image's `<start_of_image>`); trim
+        the cache to it, or start a fresh cache if it cannot be trimmed. Returns its length."""
         if self._cache is None:
             self._cache, self._cached_ids = self.model.make_cache(), []
-        common = 0
+        boi = self.model.config.boi_token_index
+        common = block = 0
         for a, b in zip(self._cached_ids, ids, strict=False):
             if a != b:
                 break
+            if b == boi:
+                cached = self._cached_pictures[block:block + 1]
+                if cached != pictures[block:block + 1]:
+                    break  # another picture in the same place: prefill from its block on
+                block += 1
             common += 1
         common = min(common, len(ids) - 1)
         excess = len(self._cached_ids) - common
@@ -273,7 +288,7 @@ class Chat:
                 trim_prompt_cache(self._cache, excess)
             else:  # a rotating cache that has wrapped: its old keys are gone
                 self._cache, common = self.model.make_cache(), 0
-        self._cached_ids = ids[:common]
+        self._cached_ids, self._cached_pictures = ids[:common], list(pictures)
         return common
 
     # ---- tokens and images -------------------------------------------------------------
@@ -329,9 +344,9 @@ class Chat:
     def _image_blocks(self, ids: Sequence[int]) -> int:
         return sum(1 for t in ids if t == self.model.config.boi_token_index)
 
-    def _image_features(self, messages: Sequence[Message], skip_blocks: int) -> mx.array | None:
-        """Soft tokens [n_blocks, 256, hidden] for the image blocks not yet in the cache,
-        each picture encoded once (features cached by content hash)."""
+    def _pictures(self, messages: Sequence[Message]) -> list[tuple[str, Any]]:
+        """(content key, image) of each image block of these messages, in prompt order: every
+        picture, then its pan-and-scan crops."""
         pictures = []
         for message in messages:
             if message.role == "assistant" and message.token_ids is not None:
@@ -340,23 +355,40 @@ class Chat:
                 pictures.append((attachment.hash, attachment.image))
                 for j, crop in enumerate(self._crops(attachment)):
                     pictures.append((f"{attachment.hash}/crop{j}", crop))
-        needed = pictures[skip_blocks:]
+        return pictures
+
+    def _image_features(self, needed: Sequence[tuple[str, Any]]) -> mx.array | None:
+        """Soft tokens [n_blocks, 256, hidden] for the image blocks not yet in the cache,
+        each picture encoded once (features cached by content hash)."""
         if not needed:
             return None
         size = self.model.config.vision.image_size
-        missing = [(key, img) for key, img in needed if key not in self._features]
+        missing = list({key: img for key, img in needed if key not in self._features}.items())
         if missing:
             pixels = mx.array(np.stack([preprocess(img, size) for _, img in missing]))
             encoded = self.model.net.encode_images(pixels)
             mx.eval(encoded)
             for (key, _), features in zip(missing, encoded, strict=True):
                 self._features[key] = features
-            while len(self._features) > FEATURE_CACHE_SIZE:
-                self._features.pop(next(iter(self._features)))
-        return mx.stack([self._features[key] for key, _ in needed])
+        stacked = mx.stack([self._features[key] for key, _ in needed])
+        for key, _ in needed:  # the least recently used go first, never this turn's
+            self._features[key] = self._features.pop(key)
+        while len(self._features) > FEATURE_CACHE_SIZE:
+            self._features.pop(next(iter(self._features)))
+        return stacked
 
 
 # ---- saving helpers -------------------------------------------------------------------------
+
+def _where(source: ImageSource) -> str | None:
+    """What a saved chat refers to: a URL as given, a file by its absolute path (a relative
+    one would be looked up beside the saved chat, not in the folder it was given from)."""
+    if isinstance(source, str) and source.startswith(("http://", "https://")):
+        return source
+    if isinstance(source, (str, Path)):
+        return str(Path(source).resolve())
+    return None
+
 
 def _message_to_json(message: Message, embed_images: bool) -> dict:
     data: dict[str, Any] = {"role": message.role, "text": message.text}
@@ -414,8 +446,8 @@ def prompt_ids(model: Model, prompt: str, system: str | None = None,
     if raw:
         text = f"{system}\n\n{prompt}" if system else prompt
         return model.tokenizer.encode(text)
-    chat = Chat(model, system=system)
-    return chat.prompt_tokens(prompt)
+    # Not `prompt_tokens`: the engine fits a one-shot reply into whatever room is left.
+    return Chat(model, system=system)._conversation_ids([Message("user", prompt)])
 
 
 def stream(model: Model, prompt: str, *, system: str | None = None, raw: bool | None = None,

@@ -44,3 +44,16 @@ def model_270m():
 @pytest.fixture(autouse=True)
 def _seed():
     mx.random.seed(0)
+
+
+@pytest.fixture(scope="session")
+def soft_tokenizer(model_270m):
+    """The 270M's HF tokenizer plus `<image_soft_token>`, which its vocabulary lacks: it then
+    gets id 262144, the config's image_token_index, and tokenizes the processor's expanded
+    image text at once, as the 4B+ tokenizer does. A copy: the model's own stays unchanged."""
+    import copy
+
+    tokenizer = copy.deepcopy(model_270m.tokenizer._tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image_soft_token>"]})
+    assert tokenizer.convert_tokens_to_ids("<image_soft_token>") == 262144
+    return tokenizer
