@@ -29,6 +29,7 @@ from .loading import Model
 from .prompt import (
     END_OF_TURN,
     GENERATION_PROMPT,
+    START_OF_IMAGE,
     START_OF_TURN,
     ImageTokens,
     encode,
@@ -89,6 +90,7 @@ class Chat:
                 raise BadRequest(f"max context must be at least 64 tokens (got {max_context})")
             limit = min(limit, max_context)
         self.context_limit = limit
+        self._streaming = False  # one turn at a time: the cache belongs to it
         self._cache: list | None = None
         self._cached_ids: list[int] = []
         # Content keys of the image blocks of the prompt in the cache, in order: every image
@@ -111,6 +113,9 @@ class Chat:
         (or dropped, with `keep_partial=False`)."""
         if not text.strip() and not images:
             raise BadRequest("the message is empty: type something or attach an image")
+        if START_OF_IMAGE in text:
+            raise BadRequest(f"the message contains the reserved token {START_OF_IMAGE}: "
+                             "attach images with images=[...] (or /image) instead")
         attachments = [self._attachment(source) for source in images]
         history = [*self.messages, Message("user", text, attachments)]
         yield from self._reply(history, should_stop, keep_partial, overrides)
@@ -198,6 +203,9 @@ class Chat:
 
     def _reply(self, history: list[Message], should_stop: Callable[[], bool],
                keep_partial: bool, overrides: dict) -> Iterator[Chunk]:
+        if self._streaming:
+            raise BadRequest("a reply is still streaming: read it to the end or close it "
+                             "before the next turn")
         settings = replace(self.settings, **overrides)
         settings.validate()
         first, ids = self._fit(history, settings)
@@ -213,6 +221,7 @@ class Chat:
         tokens: list[int] = []
         chunk = None
         stop_token = None
+        self._streaming = True
         try:
             for chunk in stream_tokens(self.model, new_ids, settings, cache=self._cache,
                                        should_stop=should_stop, image_features=features,
@@ -230,6 +239,8 @@ class Chat:
                 self._finish(history, first, ids, tokens, "cancelled", keep_partial,
                              cache_valid=False)
             raise
+        finally:
+            self._streaming = False
         self._finish(history, first, ids, tokens, chunk.finish_reason, keep_partial,
                      stop_token=stop_token)
 

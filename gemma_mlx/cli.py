@@ -95,12 +95,14 @@ def oneshot_command(argv: list[str]) -> int:
     SamplingSettings(**sampling).validate()  # before the (slow) load
     model = load(args.model)
     raw = True if args.raw else None
-    if raw is None and not model.has_chat_template and not args.image:
-        print(f"note: {model.name} has no chat template (a base model), so the prompt is "
-              "completed as plain text, as with --raw", file=sys.stderr)
+    explain_raw = raw is None and not model.has_chat_template and not args.image
     stats = None
     extra = {"images": args.image, "pan_and_scan": args.pan_and_scan} if args.image else {}
     for chunk in stream(model, prompt, system=args.system, raw=raw, **extra, **sampling):
+        if explain_raw:  # once the prompt is accepted: an error stays a single line
+            print(f"note: {model.name} has no chat template (a base model), so the prompt is "
+                  "completed as plain text, as with --raw", file=sys.stderr)
+            explain_raw = False
         sys.stdout.write(chunk.text)
         sys.stdout.flush()
         stats = chunk.stats
@@ -135,8 +137,38 @@ def convert_command(argv: list[str]) -> int:
 
 
 def chat_command(argv: list[str]) -> int:
-    raise BadRequest("the chat app is not built yet: use one-shot questions for now")
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(
+        prog="python -m gemma_mlx chat",
+        description="Chat with Gemma 3 in a full-screen terminal app (/help inside lists the "
+                    "commands).")
+    add_model_option(parser)
+    add_sampling_options(parser)
+    parser.add_argument("--max-context", type=int, default=None,
+                        help="tokens of conversation the model sees; the oldest turns are "
+                             "dropped beyond it (default: the model's window)")
+    parser.add_argument("--load", metavar="CHAT.json", help="open a chat saved with /save")
+    # Options not given keep the saved chat's settings (with --load) or Gemma's defaults.
+    parser.set_defaults(max_tokens=None, temp=None, top_p=None, top_k=None, min_p=None)
+    args = parser.parse_args(argv)
+    sampling = {k: v for k, v in sampling_from(args).items() if v is not None}
+    from .engine import SamplingSettings
+
+    SamplingSettings(**sampling).validate()  # before the (slow) load
+    if args.max_context is not None and args.max_context < 64:
+        raise BadRequest(f"--max-context must be at least 64 tokens (got {args.max_context})")
+    if args.load and not Path(args.load).expanduser().is_file():
+        raise BadRequest(f"no saved chat at {args.load}: check the path")
+    from tui.app import ChatApp
+
+    app = ChatApp(args.model, system=args.system, load_path=args.load,
+                  max_context=args.max_context, sampling=sampling)
+    app.run()
+    return app.return_code or 0
 
 
 def bench_command(argv: list[str]) -> int:
-    raise BadRequest("the benchmark command is not built yet")
+    from .bench import run_bench
+
+    return run_bench(argv, sys.stdout, sys.stderr)

@@ -855,3 +855,22 @@ def test_loading_something_else_is_a_clear_error(wrapping, tmp_path, content):
 def test_loading_a_missing_file(wrapping, tmp_path):
     with pytest.raises(BadRequest, match="no saved chat at .*nope.json: check the path"):
         Chat.load(tmp_path / "nope.json", wrapping)
+
+
+def test_a_second_turn_while_one_streams_is_refused(model_270m):
+    chat = Chat(model_270m, temp=0, max_tokens=3)
+    first = chat.stream("Hello")
+    next(first)
+    with pytest.raises(BadRequest, match="still streaming"):
+        chat.send("Again")
+    first.close()  # closing ends the turn: the partial reply is kept, and turns work again
+    assert chat.messages[-1].role == "assistant" and chat.messages[-1].stopped
+    chat.send("Again")
+    assert [m.role for m in chat.messages] == ["user", "assistant"] * 2
+
+
+def test_reserved_image_token_in_text_is_refused(model_270m):
+    chat = Chat(model_270m, temp=0, max_tokens=3)
+    with pytest.raises(BadRequest, match="reserved token"):
+        chat.send("look: <start_of_image>")
+    assert chat.messages == []
