@@ -135,9 +135,12 @@ def chunk_end(ids: Sequence[int], start: int, chunk: int, image_token: int) -> i
 def generate_tokens(model: Model, prompt: Sequence[int], cache: list,
                     settings: SamplingSettings, stats: Stats,
                     should_stop: Callable[[], bool] = lambda: False,
-                    image_features: mx.array | None = None) -> Iterator[int]:
+                    image_features: mx.array | None = None,
+                    compiled: bool = True) -> Iterator[int]:
     """Yield sampled token ids. Decode is pipelined: step n+1 is queued with `mx.async_eval`
-    before step n's token is read, so Python and the device overlap."""
+    before step n's token is read, so Python and the device overlap. Each decode step is one
+    compiled graph (`TextDecoder.compiled_decode`) where the caches allow; `compiled=False`
+    decodes op by op through the model instead (the reference the compiled path must equal)."""
     if settings.seed is not None:
         mx.random.seed(settings.seed)
     sampler = make_sampler(settings.temp, settings.top_p, settings.min_p, top_k=settings.top_k)
@@ -153,11 +156,17 @@ def generate_tokens(model: Model, prompt: Sequence[int], cache: list,
             history = mx.concatenate([history, token])
         return token
 
+    fast = None
+
     def step(token: mx.array) -> mx.array:
+        if fast is not None:
+            return sample(fast.step(token, cache))
         return sample(model.net.logits(model.net.hidden(token[None], cache)[:, -1, :])[0])
 
     start = time.perf_counter()
     token = sample(prefill(model, prompt, cache, image_features=image_features))
+    if compiled:
+        fast = model.net.decoder.compiled_decode(cache)
     mx.eval(token)
     stats.prompt_tokens = len(prompt)
     stats.prompt_seconds = time.perf_counter() - start

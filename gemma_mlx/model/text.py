@@ -12,6 +12,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
@@ -138,3 +139,183 @@ class TextDecoder(nn.Module):
     def make_cache(self) -> list:
         return [RotatingKVCache(max_size=self.cfg.sliding_window) if self.cfg.is_sliding(i)
                 else KVCache() for i in range(self.cfg.num_hidden_layers)]
+
+    def compiled_decode(self, cache: list) -> CompiledDecode | None:
+        """The compiled single-token step for these caches, or None where it does not apply
+        (caches of other kinds, batches, an empty cache): then decode the ordinary way."""
+        if not CompiledDecode.supports(self.cfg, cache):
+            return None
+        fast = self.__dict__.get("_compiled_decode")
+        if fast is None or not fast.current():
+            fast = CompiledDecode(self)
+            self._compiled_decode = fast  # a plain attribute: not a parameter
+        fast.prepare(cache)
+        return fast
+
+
+DECODE_CAPACITY_STEP = 512  # compiled decode grows a global layer's cache by this many slots
+
+
+class CompiledDecode:
+    """Single-token decode as one compiled MLX graph (the gpt-fast approach) over mlx-lm's own
+    cache objects, so prefill, trimming and reuse between chat turns work as before.
+
+    Compiling pays only with fixed shapes. Each global layer's KVCache is given a capacity (a
+    multiple of DECODE_CAPACITY_STEP) and written with `slice_update` at an array offset; each
+    sliding layer's RotatingKVCache is kept as a ring of exactly `window` slots, position p at
+    slot p % window (a layout mlx-lm's rotating cache reads as its own). Attention runs over
+    the whole buffer with a mask of the slots written so far, RoPE takes the offset as an
+    array, and the offset stays on the device, so one trace serves every step until a global
+    cache grows. The step takes the token, the offset and the cache buffers and returns the
+    logits, the next offset and the new buffers, which replace the old ones in the caches
+    before anything is evaluated, so MLX writes them in place rather than copying them.
+    The norms' (1 + w) scales are computed once here instead of on every step."""
+
+    def __init__(self, decoder: TextDecoder):
+        self.decoder = decoder
+        self.cfg = decoder.cfg
+        self._weights = _leaf_ids(decoder)
+        eps = self.cfg.rms_norm_eps
+        self.eps = eps
+
+        def scale(norm: RMSNorm) -> mx.array:
+            return 1.0 + norm.weight
+
+        self.scales = [
+            [scale(n) for n in (b.input_layernorm, b.self_attn.q_norm, b.self_attn.k_norm,
+                                b.post_attention_layernorm, b.pre_feedforward_layernorm,
+                                b.post_feedforward_layernorm)]
+            for b in decoder.layers]
+        self.final_scale = scale(decoder.norm)
+        mx.eval(self.scales, self.final_scale)
+        self._fn = mx.compile(self._step)
+        self._offset: mx.array | None = None
+        self._offset_value = -1
+
+    @staticmethod
+    def supports(cfg: TextConfig, cache: list) -> bool:
+        if not cache or len(cache) != cfg.num_hidden_layers or cache[0].offset == 0:
+            return False
+        for i, c in enumerate(cache):
+            if cfg.is_sliding(i):
+                ok = (type(c) is RotatingKVCache and c.keep == 0
+                      and c.max_size == cfg.sliding_window)
+            else:
+                ok = type(c) is KVCache
+            if not ok or c.keys is None or c.keys.shape[0] != 1 or c.offset != cache[0].offset:
+                return False
+        return True
+
+    def current(self) -> bool:
+        """False once the decoder's weights were replaced (the trace holds the old ones)."""
+        return _leaf_ids(self.decoder) == self._weights
+
+    # ---- the caches in the compiled layout ------------------------------------------------
+
+    def prepare(self, cache: list) -> None:
+        for i, c in enumerate(cache):
+            if self.cfg.is_sliding(i):
+                _to_ring(c)
+            else:
+                _reserve(c, c.offset + 1)
+
+    def step(self, token: mx.array, cache: list) -> mx.array:
+        """Feed one token (shape [1]) at the caches' offset; return the logits [vocab]."""
+        offset = cache[0].offset
+        for i, c in enumerate(cache):
+            if not self.cfg.is_sliding(i) and offset + 1 > c.keys.shape[2]:
+                _reserve(c, offset + 1)  # a new shape: the step is traced again, rarely
+        if self._offset is None or self._offset_value != offset:
+            self._offset = mx.array(offset, dtype=mx.int32)
+        buffers = [a for c in cache for a in (c.keys, c.values)]
+        logits, self._offset, *new = self._fn(token, self._offset, *buffers)
+        del buffers  # the caches' references go next: the old buffers become donatable
+        self._offset_value = offset + 1
+        for c, keys, values in zip(cache, new[::2], new[1::2], strict=True):
+            c.keys, c.values = keys, values
+            c.offset += 1
+            if isinstance(c, RotatingKVCache):
+                c._idx = c.offset % c.max_size if c.offset >= c.max_size else c.offset
+        return logits
+
+    # ---- the traced function ----------------------------------------------------------------
+
+    def _step(self, token: mx.array, offset: mx.array, *buffers: mx.array) -> tuple:
+        d, eps = self.decoder, self.eps
+        h = d.embed(token.reshape(1, 1))
+        masks: dict[int, mx.array] = {}
+        out = []
+        for i, layer in enumerate(d.layers):
+            keys, values = buffers[2 * i], buffers[2 * i + 1]
+            size = keys.shape[2]
+            if size not in masks:  # the slots written so far, this token's included
+                masks[size] = (mx.arange(size) <= offset).reshape(1, 1, 1, size)
+            slot = offset % size if self.cfg.is_sliding(i) else offset
+            s_in, s_q, s_k, s_attn, s_pre, s_post = self.scales[i]
+            attn = layer.self_attn
+            x = mx.fast.rms_norm(h, s_in, eps)
+            q = attn.q_proj(x).reshape(1, 1, attn.n_heads, -1).transpose(0, 2, 1, 3)
+            k = attn.k_proj(x).reshape(1, 1, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+            v = attn.v_proj(x).reshape(1, 1, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+            q = attn.rope(mx.fast.rms_norm(q, s_q, eps), offset=offset)
+            k = attn.rope(mx.fast.rms_norm(k, s_k, eps), offset=offset)
+            start = slot.reshape(1)
+            keys = mx.slice_update(keys, k.astype(keys.dtype), start, axes=(2,))
+            values = mx.slice_update(values, v.astype(values.dtype), start, axes=(2,))
+            o = mx.fast.scaled_dot_product_attention(q, keys, values, scale=attn.scale,
+                                                     mask=masks[size])
+            o = attn.o_proj(o.transpose(0, 2, 1, 3).reshape(1, 1, -1))
+            h = h + mx.fast.rms_norm(o, s_attn, eps)
+            r = layer.mlp(mx.fast.rms_norm(h, s_pre, eps))
+            h = h + mx.fast.rms_norm(r, s_post, eps)
+            out += [keys, values]
+        logits = d.logits(mx.fast.rms_norm(h, self.final_scale, eps))
+        return (logits[0, 0], offset + 1, *out)
+
+
+def _leaf_ids(module: nn.Module) -> list[int]:
+    return [id(v) for _, v in tree_flatten(module.parameters())]
+
+
+def _reserve(c: KVCache, needed: int) -> None:
+    """Grow a KVCache's buffers to hold `needed` tokens, in whole DECODE_CAPACITY_STEPs."""
+    capacity = c.keys.shape[2]
+    if needed <= capacity:
+        return
+    size = -(-needed // DECODE_CAPACITY_STEP) * DECODE_CAPACITY_STEP
+    B, H, _, D = c.keys.shape
+    extra = (B, H, size - c.offset, D)
+    c.keys = mx.concatenate([c.keys[..., :c.offset, :], mx.zeros(extra, c.keys.dtype)], axis=2)
+    c.values = mx.concatenate([c.values[..., :c.offset, :],
+                               mx.zeros((B, H, size - c.offset, c.values.shape[3]),
+                                        c.values.dtype)], axis=2)
+
+
+def _to_ring(c: RotatingKVCache) -> None:
+    """Lay a RotatingKVCache out as a ring of exactly max_size slots with position p at slot
+    p % max_size, and `_idx` where mlx-lm's own in-place writes would put the next token."""
+    W = c.max_size
+    if c.keys.shape[2] == W and c._idx % W == c.offset % W:
+        return  # already so: the next write goes to slot offset % W
+    n = min(c.offset, W)
+    keys, values = (_temporal_order(c, a)[..., -n:, :] for a in (c.keys, c.values))
+    if c.offset < W:
+        pad = W - n
+        keys = mx.concatenate([keys, mx.zeros((*keys.shape[:2], pad, keys.shape[3]),
+                                              keys.dtype)], axis=2)
+        values = mx.concatenate([values, mx.zeros((*values.shape[:2], pad, values.shape[3]),
+                                                  values.dtype)], axis=2)
+    else:
+        keys = mx.roll(keys, c.offset % W, axis=2)
+        values = mx.roll(values, c.offset % W, axis=2)
+    c.keys, c.values = keys, values
+    c._idx = c.offset % W if c.offset >= W else c.offset
+
+
+def _temporal_order(c: RotatingKVCache, v: mx.array) -> mx.array:
+    """The cached tokens oldest first, as mlx-lm's RotatingKVCache orders them (keep == 0)."""
+    if c._idx == v.shape[2]:
+        return v
+    if c._idx < c.offset:
+        return mx.concatenate([v[..., c._idx:, :], v[..., :c._idx, :]], axis=2)
+    return v[..., :c._idx, :]

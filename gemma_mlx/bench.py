@@ -1,0 +1,350 @@
+"""`python -m gemma_mlx bench`: prefill and decode speed, time to first token and peak memory.
+
+Each figure is the median over `--repeats` runs. With `--compare mlx-lm`, mlx-lm's own Gemma 3
+(`mlx_lm.models.gemma3_text`, driven by `mlx_lm.generate.generate_step`) runs on the very same
+weight arrays in the same process, interleaved with ours run by run (ours, peer, peer, ours, ...),
+so background load hits both alike. `--random 1b|4b|...` builds a real-shape model with random
+4-bit weights (group 64) and no tokenizer, so the benchmark needs no download.
+
+Both sides are timed the same way, from outside their token generators: the time to first
+token runs from the call until the first token id is on the host (prefill plus one sampled
+token); prefill tok/s is prompt tokens over that time; decode tok/s is the tokens after the
+first over the time after the first. Greedy sampling. Peak memory is MLX's peak allocation
+during the run (weights included), after `mx.reset_peak_memory()`.
+
+JSON output (`--json`), one object:
+
+    model            what was measured, e.g. "random 4b (4-bit g64)" or the model's description
+    device           MLX's default device, e.g. "Device(gpu, 0)"
+    dtype            compute dtype of the unquantized tensors ("float32" on CPU, else "bfloat16")
+    mlx, mlx_lm      library versions
+    gen_tokens       tokens generated per run
+    repeats          runs per implementation and prompt length (figures are medians)
+    peer             the implementation compared against ("mlx-lm"), or null
+    results          one entry per prompt length:
+      prompt_tokens  prompt length
+      ours, peer     figures (peer is null without --compare):
+        prefill_tps        prompt tokens per second (prompt tokens / ttft_s)
+        decode_tps         generated tokens after the first per second after the first
+        ttft_s             seconds from the call to the first generated token
+        peak_memory_bytes  MLX's peak memory during the run
+        generated_tokens   tokens generated (gen_tokens)
+        runs               each repeat's {ttft_s, prefill_tps, decode_tps, peak_memory_bytes}
+      ratio          ours / peer for prefill_tps, decode_tps, ttft_s and peak_memory_bytes
+                     (above 1 is better for the speeds, below 1 for time and memory); or null
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import ModelConfig
+from .engine import SamplingSettings, Stats, generate_tokens
+from .errors import BadRequest
+from .loading import Model, QuantizeSpec, compute_dtype, quantize_text_decoder
+from .model.gemma3 import Gemma3
+
+# hidden, MLP, layers, heads, kv heads, head_dim, q scale, window, vocab, context, RoPE factor
+# (REFERENCE.md). "tiny" is for tests: seconds on any machine.
+SHAPES: dict[str, tuple] = {
+    "tiny": (64, 128, 4, 4, 2, 32, 32, 16, 1024, 4096, 8.0),
+    "270m": (640, 2048, 18, 4, 1, 256, 256, 512, 262144, 32768, 1.0),
+    "1b": (1152, 6912, 26, 4, 1, 256, 256, 512, 262144, 32768, 1.0),
+    "4b": (2560, 10240, 34, 8, 4, 256, 256, 1024, 262208, 131072, 8.0),
+    "12b": (3840, 15360, 48, 16, 8, 256, 256, 1024, 262208, 131072, 8.0),
+    "27b": (5376, 21504, 62, 32, 16, 128, 168, 1024, 262208, 131072, 8.0),
+}
+PEERS = ("mlx-lm",)
+FIGURES = ("ttft_s", "prefill_tps", "decode_tps", "peak_memory_bytes")
+
+
+def shape_config(shape: str, dtype: str = "bfloat16") -> ModelConfig:
+    """The text-only config of a Gemma 3 size (the original config style, sliding pattern 6;
+    2 for `tiny`, so its 4 layers hold both kinds)."""
+    (hidden, mlp, layers, heads, kv_heads, head_dim, q_scale, window, vocab, context,
+     factor) = SHAPES[shape]
+    raw = dict(model_type="gemma3_text", hidden_size=hidden, intermediate_size=mlp,
+               num_hidden_layers=layers, num_attention_heads=heads,
+               num_key_value_heads=kv_heads, head_dim=head_dim, query_pre_attn_scalar=q_scale,
+               sliding_window=window, vocab_size=vocab, max_position_embeddings=context,
+               sliding_window_pattern=2 if shape == "tiny" else 6, torch_dtype=dtype,
+               rope_scaling={"rope_type": "linear", "factor": factor} if factor != 1 else None)
+    return ModelConfig.from_dict(raw)
+
+
+# ---- the two implementations on one set of weights -----------------------------------------
+
+def random_model(shape: str, bits: int = 4, group_size: int = 64,
+                 dtype: str | None = None) -> Model:
+    """A real-shape Gemma 3 (text only) with random quantized weights, built without ever
+    materializing float weights (a 4B in float32 would be 16 GB)."""
+    dtype = dtype or compute_dtype() or "bfloat16"
+    config = shape_config(shape)
+    net = Gemma3(config)
+    quantization = quantize_text_decoder(net, QuantizeSpec(bits, group_size))
+    float_dtype = getattr(mx, dtype)
+    weights = {}
+    for name, value in tree_flatten(net.parameters()):
+        if name.endswith(".weight") and value.dtype == mx.uint32:  # packed 4-bit
+            weights[name] = mx.random.randint(-(2**31), 2**31 - 1, value.shape,
+                                              dtype=mx.int32).view(mx.uint32)
+        elif name.endswith(".scales"):
+            # scale * (q - 8) with q uniform in 0..15 has variance 21.25 scale^2: keep each
+            # layer's output at unit variance per input, so random activations stay finite.
+            fan_in = value.shape[-1] * group_size
+            base = (21.25 * fan_in) ** -0.5
+            weights[name] = (base * mx.random.uniform(0.5, 1.5, value.shape)).astype(float_dtype)
+        elif name.endswith(".biases"):
+            continue  # set from the scales below
+        else:  # the norms: (1 + w) scaling around the identity
+            weights[name] = (0.05 * mx.random.normal(value.shape)).astype(float_dtype)
+    for name in list(weights):
+        if name.endswith(".scales"):
+            weights[name[: -len("scales")] + "biases"] = -(2 ** (bits - 1)) * weights[name]
+    net.load_weights(list(weights.items()), strict=True)
+    mx.eval(net.parameters())
+    return Model(net, None, Path(f"random-{shape}"), quantization, name=f"random {shape}")
+
+
+def mlx_lm_peer(model: Model) -> nn.Module:
+    """mlx-lm's Gemma 3 text model holding the same weight arrays as ours (no copy): our
+    keys are mlx-lm's with a `language_model.` prefix; quantized exactly where ours is."""
+    from mlx_lm.models import gemma3_text
+
+    ref = gemma3_text.Model(gemma3_text.ModelArgs.from_dict(model.config.text.to_hf()))
+    ref.sanitize({})  # the head is tied to the embedding
+    ours = dict(tree_flatten(model.net.language_model.parameters()))
+    quantized = {path: module for path, module in model.net.language_model.named_modules()
+                 if hasattr(module, "bits")}
+
+    def predicate(path: str, module: nn.Module) -> bool | dict:
+        mine = quantized.get(path)
+        if mine is None:
+            return False
+        return {"group_size": mine.group_size, "bits": mine.bits, "mode": mine.mode}
+
+    nn.quantize(ref, class_predicate=predicate)
+    ref.load_weights(list(ours.items()), strict=True)
+    return ref
+
+
+@dataclass
+class Run:
+    ttft_s: float
+    prefill_tps: float
+    decode_tps: float
+    peak_memory_bytes: int
+
+
+class Implementation:
+    name = "?"
+
+    def tokens(self, prompt: list[int], max_tokens: int):
+        raise NotImplementedError
+
+    def run(self, prompt: list[int], max_tokens: int) -> Run:
+        """One timed generation (greedy), timed identically for every implementation."""
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        n = 0
+        start = time.perf_counter()
+        first = last = start
+        for _ in self.tokens(prompt, max_tokens):
+            last = time.perf_counter()
+            if n == 0:
+                first = last
+            n += 1
+            if n == max_tokens:
+                break
+        ttft = first - start
+        decode = (n - 1) / (last - first) if n > 1 and last > first else 0.0
+        return Run(ttft, len(prompt) / ttft, decode, mx.get_peak_memory())
+
+
+class Ours(Implementation):
+    name = "gemma-mlx"
+
+    def __init__(self, model: Model):
+        self.model = model
+
+    def tokens(self, prompt: list[int], max_tokens: int):
+        settings = SamplingSettings(temp=0.0, max_tokens=max_tokens)
+        return generate_tokens(self.model, prompt, self.model.make_cache(), settings, Stats())
+
+
+class MlxLm(Implementation):
+    name = "mlx-lm"
+
+    def __init__(self, ref: nn.Module):
+        self.ref = ref
+
+    def tokens(self, prompt: list[int], max_tokens: int):
+        from mlx_lm.generate import generate_step
+
+        for token, _ in generate_step(mx.array(prompt), self.ref, max_tokens=max_tokens):
+            yield token
+
+
+# ---- the measurement -------------------------------------------------------------------------
+
+@dataclass
+class Figures:
+    prefill_tps: float
+    decode_tps: float
+    ttft_s: float
+    peak_memory_bytes: int
+    generated_tokens: int
+    runs: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def median_of(cls, runs: list[Run], generated: int) -> Figures:
+        med = {f: statistics.median(getattr(r, f) for r in runs) for f in FIGURES}
+        return cls(med["prefill_tps"], med["decode_tps"], med["ttft_s"],
+                   int(med["peak_memory_bytes"]), generated, [asdict(r) for r in runs])
+
+
+def prompt_ids(n: int, vocab: int, seed: int = 0) -> list[int]:
+    """Random ordinary token ids (below the image token 262144 and the special ones)."""
+    key = mx.random.key(seed)
+    high = min(vocab, 262_144)
+    return [2] + mx.random.randint(1000 % high, high, (n - 1,), key=key).tolist()
+
+
+def measure(ours: Implementation, peer: Implementation | None, prompt_lengths: list[int],
+            gen_tokens: int, repeats: int, vocab: int, progress: Any = None) -> list[dict]:
+    impls = [ours] + ([peer] if peer is not None else [])
+    for impl in impls:  # warm-up: kernels, compiled functions, allocator
+        impl.run(prompt_ids(16, vocab), 4)
+    results = []
+    for length in prompt_lengths:
+        prompt = prompt_ids(length, vocab)
+        runs: dict[str, list[Run]] = {impl.name: [] for impl in impls}
+        for r in range(repeats):
+            order = impls if r % 2 == 0 else impls[::-1]
+            for impl in order:
+                run = impl.run(prompt, gen_tokens)
+                runs[impl.name].append(run)
+                if progress:
+                    progress(f"{impl.name} prompt {length}: ttft {run.ttft_s:.3f} s, "
+                             f"decode {run.decode_tps:.1f} tok/s")
+        entry: dict[str, Any] = {"prompt_tokens": length,
+                                 "ours": asdict(Figures.median_of(runs[ours.name], gen_tokens)),
+                                 "peer": None, "ratio": None}
+        if peer is not None:
+            theirs = Figures.median_of(runs[peer.name], gen_tokens)
+            entry["peer"] = asdict(theirs)
+            entry["ratio"] = {f: entry["ours"][f] / getattr(theirs, f)
+                              for f in FIGURES if getattr(theirs, f)}
+        results.append(entry)
+    return results
+
+
+def table(report: dict) -> str:
+    peer = report["peer"]
+    head = ["prompt", "impl", "prefill tok/s", "decode tok/s", "ttft s", "peak GB"]
+    rows = []
+    for entry in report["results"]:
+        for label in ("ours", "peer", "ratio"):
+            f = entry[label]
+            if f is None:
+                continue
+            name = {"ours": "gemma-mlx", "peer": peer, "ratio": "ours/peer"}[label]
+            mem = f["peak_memory_bytes"] / (1 if label == "ratio" else 2**30)
+            rows.append([str(entry["prompt_tokens"]), name, f"{f['prefill_tps']:.2f}",
+                         f"{f['decode_tps']:.2f}", f"{f['ttft_s']:.3f}", f"{mem:.2f}"])
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    lines = [f"{report['model']} on {report['device']} ({report['dtype']}), "
+             f"{report['gen_tokens']} generated tokens, median of {report['repeats']}"]
+    for r in [head, *rows]:
+        lines.append("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
+    return "\n".join(lines)
+
+
+# ---- the command -----------------------------------------------------------------------------
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m gemma_mlx bench",
+        description="Prefill and decode speed, time to first token and peak memory (medians).")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--model", "-m", default=None,
+                        help="a model as the other commands take it (alias, repo, folder, .gguf)")
+    source.add_argument("--random", choices=tuple(SHAPES), default=None,
+                        help="a real-shape model with random 4-bit weights (no download)")
+    p.add_argument("--prompt-tokens", default="512,4096",
+                   help="comma-separated prompt lengths (default: 512,4096)")
+    p.add_argument("--gen-tokens", type=int, default=128, help="tokens to generate (128)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per figure, median (3)")
+    p.add_argument("--compare", choices=PEERS, default=None,
+                   help="also run this implementation on the same weights, interleaved")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead")
+    return p
+
+
+def parse_lengths(text: str) -> list[int]:
+    try:
+        lengths = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise BadRequest(f"--prompt-tokens takes comma-separated numbers (got {text!r})") from e
+    if not lengths or min(lengths) < 2:
+        raise BadRequest(f"--prompt-tokens needs lengths of at least 2 (got {text!r})")
+    return lengths
+
+
+def run_bench(argv: list[str], out: Any, err: Any) -> int:
+    args = parser().parse_args(argv)
+    lengths = parse_lengths(args.prompt_tokens)
+    if args.gen_tokens < 2:
+        raise BadRequest(f"--gen-tokens must be at least 2 (got {args.gen_tokens})")
+    if args.repeats < 1:
+        raise BadRequest(f"--repeats must be at least 1 (got {args.repeats})")
+    if args.random:
+        model = random_model(args.random)
+    else:
+        from .hub import DEFAULT_MODEL
+        from .loading import load
+
+        model = load(args.model or DEFAULT_MODEL)
+    text = model.config.text
+    too_long = max(lengths) + args.gen_tokens
+    if too_long > text.max_position_embeddings:
+        raise BadRequest(f"prompt plus generated tokens ({too_long}) exceed the context window "
+                         f"({text.max_position_embeddings})")
+    peer = MlxLm(mlx_lm_peer(model)) if args.compare == "mlx-lm" else None
+
+    def progress(line: str) -> None:
+        print(line, file=err, flush=True)
+
+    from mlx_lm.generate import wired_limit  # Metal: keep the weights wired; no-op elsewhere
+
+    with wired_limit(model.net):
+        results = measure(Ours(model), peer, lengths, args.gen_tokens, args.repeats,
+                          text.vocab_size, progress)
+    import mlx_lm
+
+    report = {
+        "model": model.description, "device": str(mx.default_device()),
+        "dtype": _float_dtype(model.net), "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__,
+        "gen_tokens": args.gen_tokens, "repeats": args.repeats,
+        "peer": args.compare, "results": results,
+    }
+    print(json.dumps(report) if args.json else table(report), file=out)
+    return 0
+
+
+def _float_dtype(net: nn.Module) -> str:
+    for _, v in tree_flatten(net.parameters()):
+        if mx.issubdtype(v.dtype, mx.floating):
+            return str(v.dtype).removeprefix("mlx.core.")
+    return "?"
+
