@@ -19,6 +19,7 @@ JSON output (`--json`), one object:
     dtype            compute dtype of the unquantized tensors ("float32" on CPU, else "bfloat16")
     mlx, mlx_lm      library versions
     gen_tokens       tokens generated per run
+    compiled         whether our decode steps ran compiled (false with --no-compile)
     repeats          runs per implementation and prompt length (figures are medians)
     peer             the implementation compared against ("mlx-lm"), or null
     results          one entry per prompt length:
@@ -174,12 +175,14 @@ class Implementation:
 class Ours(Implementation):
     name = "gemma-mlx"
 
-    def __init__(self, model: Model):
+    def __init__(self, model: Model, compiled: bool = True):
         self.model = model
+        self.compiled = compiled
 
     def tokens(self, prompt: list[int], max_tokens: int):
         settings = SamplingSettings(temp=0.0, max_tokens=max_tokens)
-        return generate_tokens(self.model, prompt, self.model.make_cache(), settings, Stats())
+        return generate_tokens(self.model, prompt, self.model.make_cache(), settings, Stats(),
+                               compiled=self.compiled)
 
 
 class MlxLm(Implementation):
@@ -287,6 +290,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="runs per figure, median (3)")
     p.add_argument("--compare", choices=PEERS, default=None,
                    help="also run this implementation on the same weights, interleaved")
+    p.add_argument("--no-compile", action="store_true",
+                   help="decode op by op, as before compiling (to measure what compiling gives)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead")
     return p
 
@@ -320,6 +325,10 @@ def run_bench(argv: list[str], out: Any, err: Any) -> int:
     if too_long > text.max_position_embeddings:
         raise BadRequest(f"prompt plus generated tokens ({too_long}) exceed the context window "
                          f"({text.max_position_embeddings})")
+    if not args.no_compile:
+        # Lays the q/k/v and gate/up weights out fused (in place, as views) before the peer
+        # takes the same arrays, so both run on one copy of the weights.
+        model.net.decoder.decode_program()
     peer = MlxLm(mlx_lm_peer(model)) if args.compare == "mlx-lm" else None
 
     def progress(line: str) -> None:
@@ -328,14 +337,15 @@ def run_bench(argv: list[str], out: Any, err: Any) -> int:
     from mlx_lm.generate import wired_limit  # Metal: keep the weights wired; no-op elsewhere
 
     with wired_limit(model.net):
-        results = measure(Ours(model), peer, lengths, args.gen_tokens, args.repeats,
-                          text.vocab_size, progress)
+        ours = Ours(model, compiled=not args.no_compile)
+        results = measure(ours, peer, lengths, args.gen_tokens, args.repeats, text.vocab_size,
+                          progress)
     import mlx_lm
 
     report = {
         "model": model.description, "device": str(mx.default_device()),
         "dtype": _float_dtype(model.net), "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__,
-        "gen_tokens": args.gen_tokens, "repeats": args.repeats,
+        "gen_tokens": args.gen_tokens, "repeats": args.repeats, "compiled": not args.no_compile,
         "peer": args.compare, "results": results,
     }
     print(json.dumps(report) if args.json else table(report), file=out)

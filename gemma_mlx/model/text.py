@@ -145,11 +145,17 @@ class TextDecoder(nn.Module):
         (caches of other kinds, batches, an empty cache): then decode the ordinary way."""
         if not CompiledDecode.supports(self.cfg, cache):
             return None
+        fast = self.decode_program()
+        fast.prepare(cache)
+        return fast
+
+    def decode_program(self) -> CompiledDecode:
+        """The decoder's CompiledDecode, made on first use and again after its weights were
+        replaced. Making it fuses the q/k/v and gate/up weights in place (see there)."""
         fast = self.__dict__.get("_compiled_decode")
         if fast is None or not fast.current():
             fast = CompiledDecode(self)
             self._compiled_decode = fast  # a plain attribute: not a parameter
-        fast.prepare(cache)
         return fast
 
 
@@ -169,12 +175,21 @@ class CompiledDecode:
     cache grows. The step takes the token, the offset and the cache buffers and returns the
     logits, the next offset and the new buffers, which replace the old ones in the caches
     before anything is evaluated, so MLX writes them in place rather than copying them.
-    The norms' (1 + w) scales are computed once here instead of on every step."""
+
+    Fewer, larger kernels: each block's q/k/v projections become one matrix, and gate/up
+    another (their rows concatenated: the same values and quantization groups), and the
+    modules' own weights become row slices of those matrices, which share their memory, so
+    prefill and the parameter tree are as before at no extra memory. The norms' (1 + w)
+    scales are computed once here instead of on every step."""
 
     def __init__(self, decoder: TextDecoder):
         self.decoder = decoder
         self.cfg = decoder.cfg
-        self._weights = _leaf_ids(decoder)
+        self.qkv = [_fuse_rows([b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj])
+                    for b in decoder.layers]
+        self.gate_up = [_fuse_rows([b.mlp.gate_proj, b.mlp.up_proj]) for b in decoder.layers]
+        mx.eval([[m.parameters() for m, _ in g] for g in self.qkv + self.gate_up])
+        self._weights = _leaf_ids(decoder)  # after fusing: the slices are the weights now
         eps = self.cfg.rms_norm_eps
         self.eps = eps
 
@@ -241,7 +256,7 @@ class CompiledDecode:
     # ---- the traced function ----------------------------------------------------------------
 
     def _step(self, token: mx.array, offset: mx.array, *buffers: mx.array) -> tuple:
-        d, eps = self.decoder, self.eps
+        d, eps, head_dim = self.decoder, self.eps, self.cfg.head_dim
         h = d.embed(token.reshape(1, 1))
         masks: dict[int, mx.array] = {}
         out = []
@@ -253,10 +268,11 @@ class CompiledDecode:
             slot = offset % size if self.cfg.is_sliding(i) else offset
             s_in, s_q, s_k, s_attn, s_pre, s_post = self.scales[i]
             attn = layer.self_attn
-            x = mx.fast.rms_norm(h, s_in, eps)
-            q = attn.q_proj(x).reshape(1, 1, attn.n_heads, -1).transpose(0, 2, 1, 3)
-            k = attn.k_proj(x).reshape(1, 1, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
-            v = attn.v_proj(x).reshape(1, 1, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+            q, k, v = self._project(i, mx.fast.rms_norm(h, s_in, eps))
+            # One position: [1, 1, heads * head_dim] is already [1, heads, 1, head_dim].
+            q = q.reshape(1, attn.n_heads, 1, head_dim)
+            k = k.reshape(1, attn.n_kv_heads, 1, head_dim)
+            v = v.reshape(1, attn.n_kv_heads, 1, head_dim)
             q = attn.rope(mx.fast.rms_norm(q, s_q, eps), offset=offset)
             k = attn.rope(mx.fast.rms_norm(k, s_k, eps), offset=offset)
             start = slot.reshape(1)
@@ -264,13 +280,80 @@ class CompiledDecode:
             values = mx.slice_update(values, v.astype(values.dtype), start, axes=(2,))
             o = mx.fast.scaled_dot_product_attention(q, keys, values, scale=attn.scale,
                                                      mask=masks[size])
-            o = attn.o_proj(o.transpose(0, 2, 1, 3).reshape(1, 1, -1))
-            h = h + mx.fast.rms_norm(o, s_attn, eps)
-            r = layer.mlp(mx.fast.rms_norm(h, s_pre, eps))
-            h = h + mx.fast.rms_norm(r, s_post, eps)
+            h = h + mx.fast.rms_norm(attn.o_proj(o.reshape(1, 1, -1)), s_attn, eps)
+            x = mx.fast.rms_norm(h, s_pre, eps)
+            h = h + mx.fast.rms_norm(self._mlp(i, x), s_post, eps)
             out += [keys, values]
         logits = d.logits(mx.fast.rms_norm(h, self.final_scale, eps))
         return (logits[0, 0], offset + 1, *out)
+
+    def _project(self, i: int, x: mx.array) -> list[mx.array]:
+        """q, k and v of one block."""
+        return _apply_fused(self.qkv[i], x)
+
+    def _mlp(self, i: int, x: mx.array) -> mx.array:
+        gate, up = _apply_fused(self.gate_up[i], x)
+        return self.decoder.layers[i].mlp.down_proj(nn.gelu_approx(gate) * up)
+
+
+def _apply_fused(groups: list[tuple[nn.Module, list[int]]], x: mx.array) -> list[mx.array]:
+    outs = []
+    for module, rows in groups:
+        y = module(x)
+        start = 0
+        for n in rows:
+            outs.append(y[..., start:start + n] if len(rows) > 1 else y)
+            start += n
+    return outs
+
+
+def _fuse_rows(layers: list[nn.Module]) -> list[tuple[nn.Module, list[int]]]:
+    """The layers as groups [(layer, [output rows of each original])]: neighbours of the same
+    kind and quantization (and no bias) become one layer whose output rows are theirs in
+    order, and their own arrays become row slices of it (views: no copy stays behind).
+    Mixed-precision checkpoints (e.g. 8-bit v_proj beside 5-bit q/k) fuse what matches."""
+
+    def kind(m: nn.Module) -> tuple:
+        return (type(m), getattr(m, "group_size", None), getattr(m, "bits", None),
+                getattr(m, "mode", None), "bias" in m, "biases" in m)
+
+    def fusable(m: nn.Module) -> bool:
+        return type(m) in (nn.Linear, nn.QuantizedLinear) and "bias" not in m
+
+    runs: list[list[nn.Module]] = []
+    for m in layers:
+        if runs and fusable(m) and fusable(runs[-1][0]) and kind(runs[-1][0]) == kind(m):
+            runs[-1].append(m)
+        else:
+            runs.append([m])
+    return [_fuse_run(run) for run in runs]
+
+
+def _fuse_run(run: list[nn.Module]) -> tuple[nn.Module, list[int]]:
+    first = run[0]
+    rows = [m.weight.shape[0] for m in run]
+    if len(run) == 1:
+        return first, rows
+    if isinstance(first, nn.QuantizedLinear):
+        names = ["weight", "scales"] + (["biases"] if "biases" in first else [])
+        in_dims = first.weight.shape[1] * 32 // first.bits
+        fused = nn.QuantizedLinear(in_dims, sum(rows), bias=False, group_size=first.group_size,
+                                   bits=first.bits, mode=first.mode)
+        if "biases" not in first:
+            fused.pop("biases", None)
+    else:
+        names = ["weight"]
+        fused = nn.Linear(first.weight.shape[1], sum(rows), bias=False)
+    for name in names:
+        fused[name] = mx.concatenate([m[name] for m in run])
+    mx.eval(fused.parameters())
+    start = 0
+    for m, n in zip(run, rows, strict=True):
+        for name in names:
+            m[name] = fused[name][start:start + n]
+        start += n
+        mx.eval(m.parameters())
+    return fused, rows
 
 
 def _leaf_ids(module: nn.Module) -> list[int]:
