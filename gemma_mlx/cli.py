@@ -160,12 +160,10 @@ def chat_command(argv: list[str]) -> int:
         raise BadRequest(f"--max-context must be at least 64 tokens (got {args.max_context})")
     if args.load and not Path(args.load).expanduser().is_file():
         raise BadRequest(f"no saved chat at {args.load}: check the path")
-    from tui.app import ChatApp
+    from tui.app import run
 
-    app = ChatApp(args.model, system=args.system, load_path=args.load,
-                  max_context=args.max_context, sampling=sampling)
-    app.run()
-    return app.return_code or 0
+    return run(args.model, system=args.system, load_path=args.load,
+               max_context=args.max_context, sampling=sampling)
 
 
 def bench_command(argv: list[str]) -> int:
