@@ -312,6 +312,10 @@ def test_dropped_turns_are_told_and_dimmed(tiny_vision):
             dimmed = [v.has_class("-dropped") for v in app.query(MessageView)]
             assert dimmed[:app.chat.first_turn] == [True] * app.chat.first_turn
             assert not any(dimmed[app.chat.first_turn:])
+            # Older replies are drawn by one widget each, the newest keep Markdown widgets.
+            flat = [v.flat for v in app.query(MessageView) if v.role == "assistant"]
+            assert flat == [True, False, False, False]
+            assert app.query(MessageView)[1].query_one(".body").render()  # still drawn
 
     run(scenario)
 

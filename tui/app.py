@@ -1,8 +1,10 @@
 """The terminal chat app: a Textual App over `gemma_mlx.Chat`.
 
 Loading and generation run in worker threads; what they produce comes back as messages. A reply's
-text is batched (at most one message every FLUSH_SECONDS) so that drawing Markdown never holds
-up decoding. Only `gemma_mlx`'s public names are used.
+text is batched so that drawing never holds up decoding: at most one message every
+FLUSH_SECONDS, and less often when drawing takes more than UI_SHARE of the main thread (a slow
+machine, a long conversation: every frame lays out the whole conversation). Only `gemma_mlx`'s
+public names are used.
 """
 
 from __future__ import annotations
@@ -45,7 +47,10 @@ from .widgets import (
     welcome_text,
 )
 
-FLUSH_SECONDS = 0.05  # how often streamed text reaches the screen
+FLUSH_SECONDS = 0.05  # how often streamed text reaches the screen, at most
+MAX_FLUSH_SECONDS = 0.5  # and at least
+UI_SHARE = 0.05  # of the main thread's time that drawing a streaming reply may take
+LIVE_MESSAGES = 6  # the newest messages keep their Markdown widgets; older ones are flat
 QUIT_WINDOW_SECONDS = 2.0  # the second Ctrl+C must come within this
 ERROR_SECONDS = 8.0
 
@@ -201,6 +206,8 @@ class ChatApp(App[int]):
         self.last_stats: Stats | None = None
         self._stop = threading.Event()
         self._generating = threading.Event()  # set while the reply thread runs
+        self.flush_seconds = FLUSH_SECONDS  # read by the reply thread; adapted as it streams
+        self._ui_clock = (0.0, 0.0)  # (wall, main-thread CPU) at the last batch of text
         self._reply: MessageView | None = None
         self._stream = None  # the MarkdownStream of the streaming reply
         self._cycling = False  # Tab is cycling through the completion list
@@ -287,8 +294,9 @@ class ChatApp(App[int]):
         await conversation.remove_children()
         chat = self.chat
         assert chat is not None and self.model is not None
-        views = [MessageView(m.role, m.text, m.images, m.stopped, self.graphics)
-                 for m in chat.messages]
+        old = len(chat.messages) - LIVE_MESSAGES
+        views = [MessageView(m.role, m.text, m.images, m.stopped, self.graphics, flat=i < old)
+                 for i, m in enumerate(chat.messages)]
         for view in views[:chat.first_turn]:
             view.add_class("-dropped")
         await conversation.mount(Welcome(welcome_text(self.model), id="welcome"))
@@ -377,6 +385,7 @@ class ChatApp(App[int]):
     async def begin_reply(self, start: TurnStarter) -> None:
         self.busy = True
         self._stop.clear()
+        self._ui_clock = (0.0, 0.0)
         self._reply = MessageView("assistant", graphics=self.graphics)
         conversation = self.query_one(Conversation)
         await conversation.mount(self._reply)
@@ -387,7 +396,7 @@ class ChatApp(App[int]):
 
     @work(thread=True, group="reply")
     def generate(self, start: TurnStarter) -> None:
-        """Run the turn; post its text at most every FLUSH_SECONDS, and its end."""
+        """Run the turn; post its text at most every `flush_seconds`, and its end."""
         pending: list[str] = []
         flushed = 0.0
         stats = None
@@ -398,7 +407,8 @@ class ChatApp(App[int]):
                 if chunk.text:
                     pending.append(chunk.text)
                 now = time.perf_counter()
-                if pending and now - flushed >= FLUSH_SECONDS and chunk.finish_reason is None:
+                due = now - flushed >= self.flush_seconds
+                if pending and due and chunk.finish_reason is None:
                     self.post_message(ReplyText("".join(pending), replace(stats)))
                     pending.clear()
                     flushed = now
@@ -410,10 +420,25 @@ class ChatApp(App[int]):
         self.post_message(ReplyFinished("".join(pending), replace(stats) if stats else None))
 
     async def on_reply_text(self, message: ReplyText) -> None:
+        self.pace_flushes()
         if self._stream is not None:
             await self._stream.write(message.text)
         self.query_one(Conversation).follow()
         self.update_status(message.stats)
+
+    def pace_flushes(self) -> None:
+        """Space the batches of text so that the main thread (drawing, layout) stays under
+        UI_SHARE busy: its CPU time since the last batch, over the wall time."""
+        wall, cpu = time.perf_counter(), time.thread_time()
+        last_wall, last_cpu = self._ui_clock
+        self._ui_clock = (wall, cpu)
+        if not last_wall or wall <= last_wall:
+            return
+        share = (cpu - last_cpu) / (wall - last_wall)
+        if share > UI_SHARE:
+            self.flush_seconds = min(MAX_FLUSH_SECONDS, self.flush_seconds * 1.25)
+        elif share < UI_SHARE / 2:
+            self.flush_seconds = max(FLUSH_SECONDS, self.flush_seconds / 1.25)
 
     async def on_reply_finished(self, message: ReplyFinished) -> None:
         assert self.chat is not None and self._reply is not None
@@ -426,6 +451,8 @@ class ChatApp(App[int]):
         self.query_one(Conversation).follow()
         self.busy = False
         self.last_stats = message.stats
+        for view in self.message_views()[:-LIVE_MESSAGES]:
+            await view.flatten()
         self.mark_dropped()
         self.update_status()
         self.show_notices()

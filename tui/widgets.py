@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from rich.markdown import Markdown as RichMarkdown
 from rich.text import Text
 from textual import events
 from textual.binding import Binding
@@ -34,6 +35,7 @@ from .commands import Completion, image_path_in
 IMAGE_WIDGETS = {"auto": BestImage, "halfcell": HalfcellImage, "unicode": UnicodeImage}
 THUMBNAIL_ROWS = 8
 ROLE_NAMES = {"user": "You", "assistant": "Gemma"}
+NO_TEXT = "*(no text)*"
 
 
 class ImageThumbnail(Vertical):
@@ -63,15 +65,20 @@ def attachment_name(attachment: Attachment) -> str:
 
 
 class MessageView(Vertical):
-    """One message: who said it, its pictures, and its text (replies as Markdown, streamed)."""
+    """One message: who said it, its pictures, and its text (replies as Markdown, streamed).
+
+    A reply is a tree of Markdown widgets, and every frame lays out every widget of the
+    conversation: older replies are `flat` (one widget drawing the same Markdown through Rich)
+    so that a long conversation does not slow the drawing of a streaming reply."""
 
     def __init__(self, role: str, text: str = "", images: Sequence[Attachment] = (),
-                 stopped: bool = False, graphics: str = "auto") -> None:
+                 stopped: bool = False, graphics: str = "auto", flat: bool = False) -> None:
         super().__init__(classes=f"message -{role}")
         self.role = role
         self.text = text
         self.images = list(images)
         self.graphics = graphics
+        self.flat = flat
         self.set_class(stopped, "-stopped")
 
     def compose(self):
@@ -80,11 +87,22 @@ class MessageView(Vertical):
             with Horizontal(classes="thumbnails"):
                 for attachment in self.images:
                     yield ImageThumbnail(attachment, self.graphics)
-        if self.role == "user":
-            yield Static(self.text, classes="body", markup=False)
-        else:
-            yield Markdown(self.text, classes="body")
+        yield self._body()
         yield Label("■ stopped", classes="stopped-mark")
+
+    def _body(self) -> Static | Markdown:
+        if self.role == "user":
+            return Static(self.text, classes="body", markup=False)
+        if self.flat:
+            return Static(RichMarkdown(self.text if self.text.strip() else NO_TEXT),
+                          classes="body flat")
+        return Markdown(self.text if self.text.strip() else NO_TEXT, classes="body")
+
+    async def flatten(self) -> None:
+        if self.role == "assistant" and not self.flat:
+            self.flat = True
+            await self.query_one(".body").remove()
+            await self.mount(self._body(), before=self.query_one(".stopped-mark"))
 
     def stream(self) -> MarkdownStream:
         return Markdown.get_stream(self.query_one(Markdown))
@@ -96,7 +114,7 @@ class MessageView(Vertical):
         if body.source != text:
             await body.update(text)
         if not text.strip():
-            await body.update("*(no text)*")
+            await body.update(NO_TEXT)
         self.set_class(stopped, "-stopped")
 
 
