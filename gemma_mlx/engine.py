@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import mlx.core as mx
+from mlx_lm.generate import wired_limit
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .errors import BadRequest, ContextOverflow
@@ -218,18 +219,20 @@ def stream_tokens(model: Model, prompt: Sequence[int], settings: SamplingSetting
     mx.reset_peak_memory()
     tokens: list[int] = []
     finish, stop_token = "length", None
-    for token in generate_tokens(model, prompt, cache, settings, stats, should_stop,
-                                 image_features):
-        if token in stop_ids:
-            finish, stop_token = "stop", token
-            break
-        tokens.append(token)
-        detok.add_token(token)
-        stats.peak_memory = mx.get_peak_memory()
-        yield Chunk(detok.last_segment, token, stats, tokens=tokens)
-        if should_stop():
-            finish = "cancelled"
-            break
+    # On Metal, keep the weights wired while generating, as mlx-lm does (a no-op elsewhere).
+    with wired_limit(model.net):
+        for token in generate_tokens(model, prompt, cache, settings, stats, should_stop,
+                                     image_features):
+            if token in stop_ids:
+                finish, stop_token = "stop", token
+                break
+            tokens.append(token)
+            detok.add_token(token)
+            stats.peak_memory = mx.get_peak_memory()
+            yield Chunk(detok.last_segment, token, stats, tokens=tokens)
+            if should_stop():
+                finish = "cancelled"
+                break
     detok.finalize()
     stats.peak_memory = mx.get_peak_memory()
     yield Chunk(detok.last_segment, stop_token, stats, finish_reason=finish, tokens=tokens)
