@@ -5,7 +5,7 @@
 
 For each variant: the Python time to build one step's graph, the synchronous step time (build,
 evaluate, read the token) and the pipelined rate (`mx.async_eval` one step ahead, as the engine
-decodes), medians over two interleaved rounds. Variants:
+decodes), one entry per interleaved round (--rounds). Variants:
   plain            the model op by op on mlx-lm's caches (our decode before compiling)
   compiled         `TextDecoder.compiled_decode`: the whole step as one compiled graph, q/k/v
                    and gate/up fused into one quantized matmul each
@@ -79,6 +79,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--variants", default="plain,compiled,compiled-unfused,mlx-lm")
     p.add_argument("--chunks", default="512,1024,2048,4096", help="'' to skip")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the variants")
     p.add_argument("--no-check", action="store_true")
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -131,7 +132,7 @@ def main() -> None:
     makers = {"plain": plain_step, "compiled": compiled_step,
               "compiled-unfused": lambda c: compiled_step(c, UnfusedDecode),
               "mlx-lm": mlx_lm_step}
-    for round_ in range(2):
+    for round_ in range(args.rounds):
         for name in args.variants.split(","):
             try:
                 if name == "mlx-lm":
