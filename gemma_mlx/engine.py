@@ -221,8 +221,10 @@ def stream_tokens(model: Model, prompt: Sequence[int], settings: SamplingSetting
     finish, stop_token = "length", None
     # On Metal, keep the weights wired while generating, as mlx-lm does (a no-op elsewhere).
     with wired_limit(model.net):
-        for token in generate_tokens(model, prompt, cache, settings, stats, should_stop,
-                                     image_features):
+        # should_stop is asked once per token, here (asking twice could see it change between
+        # the two and end the reply as "length" instead of "cancelled").
+        for token in generate_tokens(model, prompt, cache, settings, stats,
+                                     image_features=image_features):
             if token in stop_ids:
                 finish, stop_token = "stop", token
                 break
