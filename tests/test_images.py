@@ -16,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import transformers.models.gemma3.image_processing_pil_gemma3 as pil_processor
 from PIL import Image, ImageDraw, ImageFile
+from transformers.image_utils import load_image as hf_load_image
 
 from gemma_mlx.errors import BadImage
 from gemma_mlx.images import (
@@ -27,9 +29,6 @@ from gemma_mlx.images import (
     pan_and_scan,
     preprocess,
 )
-
-pil_processor = pytest.importorskip("transformers.models.gemma3.image_processing_pil_gemma3")
-from transformers.image_utils import load_image as hf_load_image  # noqa: E402
 
 SIZE = 96  # any size exercises the same code; 896 only makes the test slower
 PAS = dict(pan_and_scan_min_crop_size=256, pan_and_scan_max_num_crops=4,
