@@ -33,7 +33,11 @@ from .errors import BadCheckpoint
 
 Q = GGMLQuantizationType
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
-DEFAULT_DTYPE = "bfloat16"
+# float32: mlx-lm computes in the dtype of the scales; in float32 the import is bit-exact and
+# scores llama.cpp's perplexity, bfloat16 compute costs ~4.7% perplexity on the 270M (and is ~12x
+# slower on MLX's CPU backend). Storing bf16/fp16 scales but computing in float32 costs only
+# 0.06%/0.01% (benchmarks/RESULTS.md), so a loader may downcast the stored scales to save memory.
+DEFAULT_DTYPE = "float32"
 GROUP_SIZE = 32  # every exact block format is affine per 32 weights (K-quants per sub-block)
 REQUANT_BITS = 8  # for block formats MLX cannot hold: ~0.5% relative RMS error at group 32
 SHARD_BYTES = 5 << 30  # mlx-lm's shard size

