@@ -525,6 +525,8 @@ def _shards(entries: Iterator[dict[str, mx.array]]) -> Iterator[dict[str, mx.arr
 def write_weights(out_dir: Path, plan: dict[str, GGUFTensor],
                   dtype: mx.Dtype) -> dict[str, Setting]:
     """model.safetensors (or 5 GB shards) and mlx-lm's index; returns the quantized modules."""
+    for stale in out_dir.glob("model*.safetensors"):  # mlx-lm would load an earlier import's
+        stale.unlink()
     modules: dict[str, Setting] = {}
 
     def entries() -> Iterator[dict[str, mx.array]]:
@@ -573,8 +575,6 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = DEFAULT
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("model*.safetensors"):  # mlx-lm would load an earlier import's shards
-        stale.unlink()
     modules = write_weights(out, plan, DTYPES[dtype])
     write_tokenizer(gguf.metadata, out)
     generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
