@@ -25,7 +25,7 @@ from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 from .engine import Chunk, SamplingSettings, cache_offset, stream_tokens
 from .errors import BadImage, BadRequest, ContextOverflow
 from .images import ImageSource, image_hash, load_image, pan_and_scan, preprocess
-from .loading import Model
+from .loading import Model, check_kv_bits
 from .prompt import (
     END_OF_TURN,
     GENERATION_PROMPT,
@@ -38,6 +38,7 @@ from .prompt import (
 )
 
 SAVE_FORMAT = 1
+MIN_CONTEXT = 64  # tokens: below this no conversation fits
 FEATURE_CACHE_SIZE = 32  # images whose vision features are kept (about 5 MB each on 4B)
 
 
@@ -74,22 +75,21 @@ class Chat:
     """
 
     def __init__(self, model: Model, system: str | None = None, max_context: int | None = None,
-                 pan_and_scan: bool = False, **sampling: Any):
+                 pan_and_scan: bool = False, kv_bits: int | None = None, **sampling: Any):
+        """`max_context` bounds the tokens the model sees (the oldest turns go beyond it) and so
+        the KV cache's memory; `kv_bits` 4 or 8 stores the growing part of the cache quantized."""
         self.model = model
         self.system = system
         self.settings = SamplingSettings(**sampling)
         self.settings.validate()
+        check_kv_bits(kv_bits)
         self.pan_and_scan = pan_and_scan
         self.max_context = max_context
+        self.kv_bits = kv_bits
         self.messages: list[Message] = []
         self.notices: list[str] = []  # what the user should be told (e.g. turns dropped)
         self.first_turn = 0  # messages before this index no longer fit the context window
-        limit = model.context_limit
-        if max_context is not None:
-            if max_context < 64:
-                raise BadRequest(f"max context must be at least 64 tokens (got {max_context})")
-            limit = min(limit, max_context)
-        self.context_limit = limit
+        self.context_limit = context_limit(model, max_context)
         self._streaming = False  # one turn at a time: the cache belongs to it
         self._cache: list | None = None
         self._cached_ids: list[int] = []
@@ -172,6 +172,7 @@ class Chat:
             "system": self.system,
             "settings": self.settings.__dict__,
             "max_context": self.max_context,
+            "kv_bits": self.kv_bits,
             "pan_and_scan": self.pan_and_scan,
             "first_turn": self.first_turn,
             "messages": [_message_to_json(m, embed_images) for m in self.messages],
@@ -184,7 +185,7 @@ class Chat:
         path = Path(path)
         try:
             data = json.loads(path.read_text())
-            options = {"max_context": data.get("max_context"),
+            options = {"max_context": data.get("max_context"), "kv_bits": data.get("kv_bits"),
                        "pan_and_scan": bool(data.get("pan_and_scan", False)),
                        **data.get("settings", {}), **overrides}
             chat = cls(model, system=data.get("system"), **options)
@@ -280,7 +281,7 @@ class Chat:
         the same pictures (compared by content key at each image's `<start_of_image>`); trim
         the cache to it, or start a fresh cache if it cannot be trimmed. Returns its length."""
         if self._cache is None:
-            self._cache, self._cached_ids = self.model.make_cache(), []
+            self._cache, self._cached_ids = self.model.make_cache(self.kv_bits), []
         boi = self.model.config.boi_token_index
         common = block = 0
         for a, b in zip(self._cached_ids, ids, strict=False):
@@ -298,7 +299,7 @@ class Chat:
             if can_trim_prompt_cache(self._cache):
                 trim_prompt_cache(self._cache, excess)
             else:  # a rotating cache that has wrapped: its old keys are gone
-                self._cache, common = self.model.make_cache(), 0
+                self._cache, common = self.model.make_cache(self.kv_bits), 0
         self._cached_ids, self._cached_pictures = ids[:common], list(pictures)
         return common
 
@@ -463,19 +464,32 @@ def prompt_ids(model: Model, prompt: str, system: str | None = None,
 
 def stream(model: Model, prompt: str, *, system: str | None = None, raw: bool | None = None,
            images: Sequence[ImageSource] = (), pan_and_scan: bool = False,
+           max_context: int | None = None, kv_bits: int | None = None,
            should_stop: Callable[[], bool] = lambda: False, **sampling: Any) -> Iterator[Chunk]:
     """Stream the reply to one message (with images, if any): chunks with text, token and
-    running stats."""
+    running stats. `max_context` and `kv_bits` bound the KV cache as in `Chat`."""
     settings = SamplingSettings(**sampling)
     settings.validate()
+    limit = context_limit(model, max_context)
     if images:
         if raw:
             raise BadRequest("--raw completes plain text: images need the chat template")
-        chat = Chat(model, system=system, pan_and_scan=pan_and_scan, **sampling)
+        chat = Chat(model, system=system, pan_and_scan=pan_and_scan, max_context=max_context,
+                    kv_bits=kv_bits, **sampling)
         yield from chat.stream(prompt, images, should_stop=should_stop)
         return
     ids = prompt_ids(model, prompt, system, raw)
-    yield from stream_tokens(model, ids, settings, should_stop=should_stop)
+    yield from stream_tokens(model, ids, settings, cache=model.make_cache(kv_bits),
+                             should_stop=should_stop, context_limit=limit)
+
+
+def context_limit(model: Model, max_context: int | None) -> int:
+    """The model's context window, or the smaller `max_context` a user set to bound memory."""
+    if max_context is None:
+        return model.context_limit
+    if max_context < MIN_CONTEXT:
+        raise BadRequest(f"max context must be at least {MIN_CONTEXT} tokens (got {max_context})")
+    return min(model.context_limit, max_context)
 
 
 def generate(model: Model, prompt: str, **kwargs: Any) -> str:

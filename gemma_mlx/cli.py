@@ -57,6 +57,21 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="random seed")
 
 
+def add_memory_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-context", type=int, default=None, metavar="TOKENS",
+                        help="tokens of conversation the model sees, to bound the KV cache's "
+                             "memory; the oldest turns are dropped beyond it (default: the "
+                             "model's window)")
+    parser.add_argument("--kv-bits", type=int, choices=(4, 8), default=None,
+                        help="store the KV cache quantized to 8 or 4 bits (about 1/2 or 1/4 "
+                             "of its memory; default: full precision)")
+
+
+def check_max_context(max_context: int | None) -> None:
+    if max_context is not None and max_context < 64:
+        raise BadRequest(f"--max-context must be at least 64 tokens (got {max_context})")
+
+
 def sampling_from(args: argparse.Namespace) -> dict:
     return dict(max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p, top_k=args.top_k,
                 min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
@@ -74,6 +89,7 @@ def oneshot_parser() -> argparse.ArgumentParser:
                         help="attach an image (repeatable); needs a vision model (4b, 12b, 27b)")
     parser.add_argument("--pan-and-scan", action="store_true",
                         help="also show the model crops of large or non-square images")
+    add_memory_options(parser)
     parser.add_argument("--raw", action="store_true",
                         help="complete the prompt as plain text, without the chat template "
                              "(automatic for base models, which have none)")
@@ -93,12 +109,14 @@ def oneshot_command(argv: list[str]) -> int:
     from .loading import load
 
     SamplingSettings(**sampling).validate()  # before the (slow) load
+    check_max_context(args.max_context)
     model = load(args.model)
     raw = True if args.raw else None
     explain_raw = raw is None and not model.has_chat_template and not args.image
     stats = None
     extra = {"images": args.image, "pan_and_scan": args.pan_and_scan} if args.image else {}
-    for chunk in stream(model, prompt, system=args.system, raw=raw, **extra, **sampling):
+    for chunk in stream(model, prompt, system=args.system, raw=raw, max_context=args.max_context,
+                        kv_bits=args.kv_bits, **extra, **sampling):
         if explain_raw:  # once the prompt is accepted: an error stays a single line
             print(f"note: {model.name} has no chat template (a base model), so the prompt is "
                   "completed as plain text, as with --raw", file=sys.stderr)
@@ -145,9 +163,7 @@ def chat_command(argv: list[str]) -> int:
                     "commands).")
     add_model_option(parser)
     add_sampling_options(parser)
-    parser.add_argument("--max-context", type=int, default=None,
-                        help="tokens of conversation the model sees; the oldest turns are "
-                             "dropped beyond it (default: the model's window)")
+    add_memory_options(parser)
     parser.add_argument("--load", metavar="CHAT.json", help="open a chat saved with /save")
     # Options not given keep the saved chat's settings (with --load) or Gemma's defaults.
     parser.set_defaults(max_tokens=None, temp=None, top_p=None, top_k=None, min_p=None)
@@ -156,14 +172,13 @@ def chat_command(argv: list[str]) -> int:
     from .engine import SamplingSettings
 
     SamplingSettings(**sampling).validate()  # before the (slow) load
-    if args.max_context is not None and args.max_context < 64:
-        raise BadRequest(f"--max-context must be at least 64 tokens (got {args.max_context})")
+    check_max_context(args.max_context)
     if args.load and not Path(args.load).expanduser().is_file():
         raise BadRequest(f"no saved chat at {args.load}: check the path")
     from tui.app import run
 
     return run(args.model, system=args.system, load_path=args.load,
-               max_context=args.max_context, sampling=sampling)
+               max_context=args.max_context, kv_bits=args.kv_bits, sampling=sampling)
 
 
 def bench_command(argv: list[str]) -> int:

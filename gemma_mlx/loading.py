@@ -19,7 +19,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import ModelConfig
-from .errors import BadCheckpoint
+from .errors import BadCheckpoint, BadRequest
 from .hub import resolve
 from .model.gemma3 import Gemma3
 from .model.vision import sanitize_vision_weights
@@ -51,8 +51,10 @@ class Model:
                  pixel_values: mx.array | None = None) -> mx.array:
         return self.net(ids, cache=cache, pixel_values=pixel_values)
 
-    def make_cache(self) -> list:
-        return self.net.make_cache()
+    def make_cache(self, kv_bits: int | None = None) -> list:
+        """A fresh KV cache; `kv_bits` 4 or 8 quantizes the global layers' keys and values."""
+        check_kv_bits(kv_bits)
+        return self.net.make_cache(kv_bits)
 
     @property
     def has_chat_template(self) -> bool:
@@ -69,6 +71,15 @@ class Model:
     @property
     def context_limit(self) -> int:
         return self.config.text.max_position_embeddings
+
+
+KV_BITS = (4, 8)
+
+
+def check_kv_bits(kv_bits: int | None) -> None:
+    if kv_bits is not None and kv_bits not in KV_BITS:
+        raise BadRequest(f"KV cache bits must be 4 or 8, or none for full precision "
+                         f"(got {kv_bits})")
 
 
 def load(name_or_path: str, quantize: bool = True, bits: int = 4, group_size: int = 64,

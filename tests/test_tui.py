@@ -499,13 +499,13 @@ def test_chat_command_builds_the_app(monkeypatch, capsys):
 
     def fake_run(self):
         made.update(model=self.model_name, system=self.system, sampling=self.sampling,
-                    max_context=self.max_context)
+                    max_context=self.max_context, kv_bits=self.kv_bits)
 
     monkeypatch.setattr(ChatApp, "run", fake_run)
     assert main(["chat", "-m", "270m", "--system", "Be brief.", "--temp", "0", "--top-k", "5",
-                 "--max-context", "256"]) == 0
+                 "--max-context", "256", "--kv-bits", "8"]) == 0
     assert made == dict(model="270m", system="Be brief.", sampling={"temp": 0.0, "top_k": 5},
-                        max_context=256)
+                        max_context=256, kv_bits=8)
     assert main(["chat", "--top-p", "3"]) == 1
     assert main(["chat", "--load", "missing.json"]) == 1
     err = capsys.readouterr().err.splitlines()
@@ -542,3 +542,14 @@ def test_gemma_mlx_public_names_only():
     source = "".join(p.read_text() for p in (Path(__file__).parent.parent / "tui").glob("*.py"))
     assert "from gemma_mlx." not in source and "import gemma_mlx." not in source
     assert set(gemma_mlx.__all__) >= {"Chat", "load", "GemmaError", "Attachment", "Stats"}
+
+
+def test_a_quantized_kv_cache_is_used_and_shown(tiny_vision):
+    async def scenario():
+        app = RecordingApp(tiny_vision, sampling=GREEDY, max_context=128, kv_bits=8)
+        async with app.run_test(size=SIZE) as pilot:
+            await exchange(pilot, "Hello")
+            assert app.chat.kv_bits == 8 and app.chat.context_limit == 128
+            assert "KV 8-bit" in status(app) and "/128 tok" in status(app)
+
+    run(scenario)

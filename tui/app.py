@@ -188,7 +188,8 @@ class ChatApp(App[int]):
 
     def __init__(self, model: str | Model = "4b", *, system: str | None = None,
                  load_path: str | None = None, max_context: int | None = None,
-                 sampling: dict[str, Any] | None = None, graphics: str = "auto",
+                 kv_bits: int | None = None, sampling: dict[str, Any] | None = None,
+                 graphics: str = "auto",
                  show_timings: bool = True, loader: Callable[..., Model] = gemma_mlx.load):
         super().__init__()
         self.model_name = model if isinstance(model, str) else model.name
@@ -196,6 +197,7 @@ class ChatApp(App[int]):
         self.system = system
         self.load_path = load_path
         self.max_context = max_context
+        self.kv_bits = kv_bits
         self.sampling = dict(sampling or {})
         self.graphics = graphics
         self.show_timings = show_timings
@@ -284,6 +286,8 @@ class ChatApp(App[int]):
         options = dict(self.sampling)
         if self.max_context is not None:
             options["max_context"] = self.max_context
+        if self.kv_bits is not None:
+            options["kv_bits"] = self.kv_bits
         return options
 
     # ---- the conversation view -----------------------------------------------------------
@@ -315,6 +319,8 @@ class ChatApp(App[int]):
             if streaming is None:
                 self.tokens_used = self.chat.tokens_used
             info.context_limit = self.chat.context_limit
+            if self.chat.kv_bits:
+                info.model += f", KV {self.chat.kv_bits}-bit"
             info.tokens_used = self.tokens_used + (streaming.generated_tokens if streaming else 0)
         info.stats = streaming or self.last_stats
         info.streaming = streaming is not None

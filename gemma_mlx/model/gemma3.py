@@ -71,8 +71,8 @@ class Gemma3(nn.Module):
     def logits(self, h: mx.array) -> mx.array:
         return self.decoder.logits(h)
 
-    def make_cache(self) -> list:
-        return self.decoder.make_cache()
+    def make_cache(self, kv_bits: int | None = None) -> list:
+        return self.decoder.make_cache(kv_bits)
 
 
 def merge_image_features(h: mx.array, is_image: mx.array, features: mx.array) -> mx.array:

@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
-from mlx_lm.models.cache import KVCache, RotatingKVCache
+from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 
 from ..config import TextConfig
 
@@ -60,8 +60,20 @@ class Attention(nn.Module):
         q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+        out = attend(q, k, v, cache, self.scale, mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+def attend(q: mx.array, k: Any, v: Any, cache: Any, scale: float, mask: Any) -> mx.array:
+    """Scaled dot-product attention over the cached keys and values. With a quantized cache,
+    one query attends through quantized matmuls (mlx-lm's); a prefill chunk dequantizes the keys
+    and values first, for the fused kernel: mlx-lm's quantized path would materialize every
+    chunk-by-context score (2048 x 128K x heads), the memory quantizing was meant to save."""
+    if isinstance(cache, QuantizedKVCache) and q.shape[2] > 1:
+        k = mx.dequantize(*k, group_size=cache.group_size, bits=cache.bits).astype(q.dtype)
+        v = mx.dequantize(*v, group_size=cache.group_size, bits=cache.bits).astype(q.dtype)
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    return scaled_dot_product_attention(q, k, v, cache=cache, scale=scale, mask=mask)
 
 
 class MLP(nn.Module):
@@ -136,9 +148,20 @@ class TextDecoder(nn.Module):
         """The tied output head: the embedding matrix, quantized or not, used as a linear layer."""
         return self.embed_tokens.as_linear(h)
 
-    def make_cache(self) -> list:
+    def make_cache(self, kv_bits: int | None = None) -> list:
+        """Sliding layers keep a ring of `sliding_window` entries; global layers keep every
+        token, in the compute dtype or, with `kv_bits` (4 or 8), quantized in groups of 64 as
+        mlx-lm does (32 for the head sizes of tiny test configs). Only the
+        global layers grow with the context, so only they are quantized (mlx-lm cannot
+        quantize its rotating cache either)."""
+        def global_cache() -> Any:
+            if kv_bits is None:
+                return KVCache()
+            group = 64 if self.cfg.head_dim % 64 == 0 else 32
+            return QuantizedKVCache(group_size=group, bits=kv_bits)
+
         return [RotatingKVCache(max_size=self.cfg.sliding_window) if self.cfg.is_sliding(i)
-                else KVCache() for i in range(self.cfg.num_hidden_layers)]
+                else global_cache() for i in range(self.cfg.num_hidden_layers)]
 
     def compiled_decode(self, cache: list) -> CompiledDecode | None:
         """The compiled single-token step for these caches, or None where it does not apply
