@@ -113,3 +113,22 @@ def test_real_270m_greedy_tokens_equal_uncompiled(model_270m):
     runs = [list(generate_tokens(model_270m, ids, model_270m.make_cache(), settings, Stats(),
                                  compiled=c)) for c in (False, True)]
     assert runs[0] == runs[1] and len(runs[0]) == 16
+
+
+@pytest.mark.parametrize("kv_bits", [8, 4])
+def test_quantized_cache_compiled_step_equals_the_plain_step(small_capacity_step, kv_bits):
+    net = tiny_model().net
+    plain, fast_cache = net.make_cache(kv_bits), net.make_cache(kv_bits)
+    ids = mx.array([PROMPT])
+    net(ids, plain)
+    net(ids, fast_cache)
+    fast = net.decoder.compiled_decode(fast_cache)
+    assert fast is not None
+    token = mx.array([3])
+    for i in range(40):  # the global caches grow past 16 and 32 slots
+        expected = net(token[None], plain)[0, -1]
+        got = fast.step(token, fast_cache)
+        assert mx.abs(expected - got).max().item() < 1e-4, i
+        token = mx.array([(mx.argmax(expected).item() + 37 * i) % 1000])
+    more = mx.array([[4, 8, 15, 16, 23, 42]])  # the next chat turn, prefilled on both
+    assert mx.abs(net(more, plain) - net(more, fast_cache)).max().item() < 1e-4

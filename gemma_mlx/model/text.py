@@ -13,7 +13,11 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
+from mlx_lm.models.base import (
+    create_attention_mask,
+    quantized_scaled_dot_product_attention,
+    scaled_dot_product_attention,
+)
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 
 from ..config import TextConfig
@@ -192,7 +196,9 @@ class CompiledDecode:
     Compiling pays only with fixed shapes. Each global layer's KVCache is given a capacity (a
     multiple of DECODE_CAPACITY_STEP) and written with `slice_update` at an array offset; each
     sliding layer's RotatingKVCache is kept as a ring of exactly `window` slots, position p at
-    slot p % window (a layout mlx-lm's rotating cache reads as its own). Attention runs over
+    slot p % window (a layout mlx-lm's rotating cache reads as its own); a QuantizedKVCache
+    (`--kv-bits`) likewise, its packed values, scales and biases written at the offset and
+    read through quantized matmuls. Attention runs over
     the whole buffer with a mask of the slots written so far, RoPE takes the offset as an
     array, and the offset stays on the device, so one trace serves every step until a global
     cache grows. The step takes the token, the offset and the cache buffers and returns the
@@ -229,6 +235,7 @@ class CompiledDecode:
         self._fn = mx.compile(self._step)
         self._offset: mx.array | None = None
         self._offset_value = -1
+        self._quantized: list[tuple[int, int] | None] = []  # per layer: (group, bits) or None
 
     @staticmethod
     def supports(cfg: TextConfig, cache: list) -> bool:
@@ -239,8 +246,9 @@ class CompiledDecode:
                 ok = (type(c) is RotatingKVCache and c.keep == 0
                       and c.max_size == cfg.sliding_window)
             else:
-                ok = type(c) is KVCache
-            if not ok or c.keys is None or c.keys.shape[0] != 1 or c.offset != cache[0].offset:
+                ok = type(c) in (KVCache, QuantizedKVCache)
+            if not ok or c.keys is None or _kv_arrays(c)[0].shape[0] != 1 \
+                    or c.offset != cache[0].offset:
                 return False
         return True
 
@@ -261,16 +269,22 @@ class CompiledDecode:
         """Feed one token (shape [1]) at the caches' offset; return the logits [vocab]."""
         offset = cache[0].offset
         for i, c in enumerate(cache):
-            if not self.cfg.is_sliding(i) and offset + 1 > c.keys.shape[2]:
+            if not self.cfg.is_sliding(i) and offset + 1 > _kv_arrays(c)[0].shape[2]:
                 _reserve(c, offset + 1)  # a new shape: the step is traced again, rarely
         if self._offset is None or self._offset_value != offset:
             self._offset = mx.array(offset, dtype=mx.int32)
-        buffers = [a for c in cache for a in (c.keys, c.values)]
+        # Read when tracing; a quantized cache's buffers have other shapes, so another trace.
+        self._quantized = [(c.group_size, c.bits) if isinstance(c, QuantizedKVCache) else None
+                           for c in cache]
+        buffers = [a for c in cache for a in _kv_arrays(c)]
         logits, self._offset, *new = self._fn(token, self._offset, *buffers)
         del buffers  # the caches' references go next: the old buffers become donatable
         self._offset_value = offset + 1
-        for c, keys, values in zip(cache, new[::2], new[1::2], strict=True):
-            c.keys, c.values = keys, values
+        start = 0
+        for c in cache:
+            n = len(_kv_arrays(c))
+            _set_kv_arrays(c, new[start:start + n])
+            start += n
             c.offset += 1
             if isinstance(c, RotatingKVCache):
                 c._idx = c.offset % c.max_size if c.offset >= c.max_size else c.offset
@@ -282,10 +296,12 @@ class CompiledDecode:
         d, eps, head_dim = self.decoder, self.eps, self.cfg.head_dim
         h = d.embed(token.reshape(1, 1))
         masks: dict[int, mx.array] = {}
-        out = []
+        out: list[mx.array] = []
         for i, layer in enumerate(d.layers):
-            keys, values = buffers[2 * i], buffers[2 * i + 1]
-            size = keys.shape[2]
+            quantized = self._quantized[i]
+            n = 6 if quantized else 2  # keys and values, or their (packed, scales, biases)
+            parts, buffers = buffers[:n], buffers[n:]
+            size = parts[0].shape[2]
             if size not in masks:  # the slots written so far, this token's included
                 masks[size] = (mx.arange(size) <= offset).reshape(1, 1, 1, size)
             slot = offset % size if self.cfg.is_sliding(i) else offset
@@ -299,14 +315,24 @@ class CompiledDecode:
             q = attn.rope(mx.fast.rms_norm(q, s_q, eps), offset=offset)
             k = attn.rope(mx.fast.rms_norm(k, s_k, eps), offset=offset)
             start = slot.reshape(1)
-            keys = mx.slice_update(keys, k.astype(keys.dtype), start, axes=(2,))
-            values = mx.slice_update(values, v.astype(values.dtype), start, axes=(2,))
-            o = mx.fast.scaled_dot_product_attention(q, keys, values, scale=attn.scale,
-                                                     mask=masks[size])
+            if quantized is None:
+                keys, values = (mx.slice_update(buffer, x.astype(buffer.dtype), start, axes=(2,))
+                                for buffer, x in zip(parts, (k, v), strict=True))
+                o = mx.fast.scaled_dot_product_attention(q, keys, values, scale=attn.scale,
+                                                         mask=masks[size])
+                out += [keys, values]
+            else:
+                group, bits = quantized
+                new = [mx.slice_update(buffer, x, start, axes=(2,)) for buffer, x in zip(
+                    parts, (*mx.quantize(k.astype(parts[1].dtype), group, bits),
+                            *mx.quantize(v.astype(parts[4].dtype), group, bits)), strict=True)]
+                o = quantized_scaled_dot_product_attention(
+                    q, new[:3], new[3:], scale=attn.scale, mask=masks[size], group_size=group,
+                    bits=bits)
+                out += new
             h = h + mx.fast.rms_norm(attn.o_proj(o.reshape(1, 1, -1)), s_attn, eps)
             x = mx.fast.rms_norm(h, s_pre, eps)
             h = h + mx.fast.rms_norm(self._mlp(i, x), s_post, eps)
-            out += [keys, values]
         logits = d.logits(mx.fast.rms_norm(h, self.final_scale, eps))
         return (logits[0, 0], offset + 1, *out)
 
@@ -383,18 +409,31 @@ def _leaf_ids(module: nn.Module) -> list[int]:
     return [id(v) for _, v in tree_flatten(module.parameters())]
 
 
-def _reserve(c: KVCache, needed: int) -> None:
-    """Grow a KVCache's buffers to hold `needed` tokens, in whole DECODE_CAPACITY_STEPs."""
-    capacity = c.keys.shape[2]
-    if needed <= capacity:
+def _kv_arrays(c: Any) -> list[mx.array]:
+    """A cache's buffers, flat: keys then values, each one array or, in a quantized cache,
+    three (packed values, scales, biases)."""
+    if isinstance(c, QuantizedKVCache):
+        return [*c.keys, *c.values]
+    return [c.keys, c.values]
+
+
+def _set_kv_arrays(c: Any, arrays: list[mx.array]) -> None:
+    half = len(arrays) // 2
+    if isinstance(c, QuantizedKVCache):
+        c.keys, c.values = tuple(arrays[:half]), tuple(arrays[half:])
+    else:
+        c.keys, c.values = arrays
+
+
+def _reserve(c: KVCache | QuantizedKVCache, needed: int) -> None:
+    """Grow a global layer's buffers to hold `needed` tokens, in whole DECODE_CAPACITY_STEPs."""
+    arrays = _kv_arrays(c)
+    if needed <= arrays[0].shape[2]:
         return
     size = -(-needed // DECODE_CAPACITY_STEP) * DECODE_CAPACITY_STEP
-    B, H, _, D = c.keys.shape
-    extra = (B, H, size - c.offset, D)
-    c.keys = mx.concatenate([c.keys[..., :c.offset, :], mx.zeros(extra, c.keys.dtype)], axis=2)
-    c.values = mx.concatenate([c.values[..., :c.offset, :],
-                               mx.zeros((B, H, size - c.offset, c.values.shape[3]),
-                                        c.values.dtype)], axis=2)
+    _set_kv_arrays(c, [mx.concatenate(
+        [a[..., :c.offset, :], mx.zeros((*a.shape[:2], size - c.offset, a.shape[3]), a.dtype)],
+        axis=2) for a in arrays])
 
 
 def _to_ring(c: RotatingKVCache) -> None:
