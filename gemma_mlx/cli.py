@@ -14,6 +14,8 @@ from .errors import BadRequest, GemmaError
 from .hub import DEFAULT_MODEL, MODEL_NAMES
 
 SUBCOMMANDS = ("chat", "convert", "bench")
+MMPROJ_HELP = ("llama.cpp's vision projector GGUF (e.g. mmproj-model-f16.gguf) for a .gguf "
+               "model: adds its vision tower, for --image")
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
 
@@ -41,6 +43,7 @@ def add_model_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", "-m", default=DEFAULT_MODEL,
                         help=f"{', '.join(MODEL_NAMES)}, a Hub repo id, a folder or a .gguf "
                              f"file (default: {DEFAULT_MODEL})")
+    parser.add_argument("--mmproj", metavar="MMPROJ.gguf", default=None, help=MMPROJ_HELP)
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -110,7 +113,7 @@ def oneshot_command(argv: list[str]) -> int:
 
     SamplingSettings(**sampling).validate()  # before the (slow) load
     check_max_context(args.max_context)
-    model = load(args.model)
+    model = load(args.model, mmproj=args.mmproj)
     raw = True if args.raw else None
     explain_raw = raw is None and not model.has_chat_template and not args.image
     stats = None
@@ -145,11 +148,13 @@ def convert_command(argv: list[str]) -> int:
                         help="dtype of the unquantized tensors (default: as stored)")
     parser.add_argument("--no-quantize", action="store_true",
                         help="keep an unquantized checkpoint unquantized")
+    parser.add_argument("--mmproj", metavar="MMPROJ.gguf", default=None,
+                        help=MMPROJ_HELP.replace("for --image", "in mlx-vlm's layout"))
     args = parser.parse_args(argv)
     from .convert import convert
 
     out = convert(args.source, args.out, bits=args.bits, group_size=args.group_size,
-                  dtype=args.dtype, quantize=not args.no_quantize)
+                  dtype=args.dtype, quantize=not args.no_quantize, mmproj=args.mmproj)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 
@@ -177,8 +182,17 @@ def chat_command(argv: list[str]) -> int:
         raise BadRequest(f"no saved chat at {args.load}: check the path")
     from tui.app import run
 
+    options = {}
+    if args.mmproj:  # checked now, not after the app has started
+        from functools import partial
+
+        from .hub import check_mmproj
+        from .loading import load
+
+        check_mmproj(args.model, args.mmproj)
+        options["loader"] = partial(load, mmproj=args.mmproj)
     return run(args.model, system=args.system, load_path=args.load,
-               max_context=args.max_context, kv_bits=args.kv_bits, sampling=sampling)
+               max_context=args.max_context, kv_bits=args.kv_bits, sampling=sampling, **options)
 
 
 def bench_command(argv: list[str]) -> int:

@@ -11,7 +11,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .errors import BadRequest
-from .hub import resolve
+from .hub import check_mmproj, resolve
 from .loading import QuantizeSpec, checkpoint_key, load_net, read_config
 
 SHARD_BYTES = 5 * 2**30
@@ -22,14 +22,17 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def convert(source: str, out: str | Path, bits: int = 4, group_size: int = 64,
-            dtype: str | None = None, quantize: bool = True) -> Path:
+            dtype: str | None = None, quantize: bool = True, mmproj: str | None = None) -> Path:
+    """`mmproj` (llama.cpp's vision projector file) goes with a .gguf source: the folder is
+    then the whole vision model, in mlx-vlm's layout."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise BadRequest(f"{out} exists and is not empty: choose a new folder for --out")
+    mmproj_path = check_mmproj(str(source), mmproj)
     if str(source).lower().endswith(".gguf") and Path(source).is_file():
         from .gguf import import_gguf  # GGUF blocks are imported as they are, losslessly
 
-        return import_gguf(source, out, **({"dtype": dtype} if dtype else {}))
+        return import_gguf(source, out, mmproj=mmproj_path, **({"dtype": dtype} if dtype else {}))
     src = resolve(source)
     spec = QuantizeSpec(bits, group_size) if quantize else None
     net, quantization = load_net(src, spec, dtype)

@@ -7,6 +7,11 @@ sub-blocks, the IQ codebooks) are dequantized and re-quantized to 8 bits, group 
 
     import_gguf("gemma-3-270m-q4_k_m.gguf", "models/270m")    # then mlx_lm.load("models/270m")
 
+With llama.cpp's vision projector file (an "mmproj" GGUF) the folder is a whole multimodal model
+in mlx-vlm's layout instead (`language_model.*`, `vision_tower.*`, `multi_modal_projector.*`):
+
+    import_gguf("gemma-3-4b-it-q4_0.gguf", "models/4b", mmproj="mmproj-model-f16.gguf")
+
 The file is read with our own header parser over a memory map: `gguf.GGUFReader` builds Python
 objects for each of the 262k vocabulary entries and takes ~10 s on the 270M before any work.
 """
@@ -19,7 +24,7 @@ import re
 import struct
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from math import prod
 from pathlib import Path
 from typing import Any
@@ -467,6 +472,216 @@ def _quantization(modules: dict[str, Setting]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
+# The vision tower and projector: llama.cpp's "mmproj" GGUF
+#
+# llama.cpp keeps Gemma 3's SigLIP tower and projector in a file of their own (general.architecture
+# "clip", projector type "gemma3" under clip.projector_type or clip.vision.projector_type),
+# written by convert_hf_to_gguf.py --mmproj (class Gemma3VisionModel) or, before it, by
+# examples/llava/gemma3_convert_encoder_to_gguf.py. The tensors keep transformers' layouts: the
+# patch conv is torch's [out, in, kh, kw] and mm.input_projection.weight is
+# mm_input_projection_weight [vision hidden, text hidden] as it is (clip.cpp multiplies by its
+# transpose in ggml's dimension order, which is x @ W). Two conventions are undone here:
+# mm.soft_emb_norm.weight holds Gemma's 1 + w (the SigLIP LayerNorms are stored as they are), and
+# the older script named fc1 `ffn_down` and fc2 `ffn_up`; clip.cpp swaps them back when ffn_down
+# takes the embedding width as input (`is_ffn_swapped`), and so do we.
+
+_VISION = "vision_tower.vision_model."
+_PROJECTOR = "multi_modal_projector."
+_INPUT_PROJECTION = _PROJECTOR + "mm_input_projection_weight"
+_SOFT_EMB_NORM = _PROJECTOR + "mm_soft_emb_norm.weight"
+_PATCH_CONV = _VISION + "embeddings.patch_embedding.weight"
+_VISION_TOP = {"v.patch_embd": _VISION + "embeddings.patch_embedding",
+               "v.position_embd": _VISION + "embeddings.position_embedding",
+               "v.post_ln": _VISION + "post_layernorm",
+               "mm.soft_emb_norm": _PROJECTOR + "mm_soft_emb_norm"}
+_VISION_LAYER = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+                 "attn_v": "self_attn.v_proj", "attn_out": "self_attn.out_proj",
+                 "ln1": "layer_norm1", "ln2": "layer_norm2", "ffn_up": "mlp.fc1",
+                 "ffn_down": "mlp.fc2"}
+_VISION_LINEAR = ("_proj", ".fc1", ".fc2")  # modules whose block-format weights stay quantized
+PROJECTOR_SCALE = 4  # clip.cpp's default pooling for gemma3: 64x64 patches -> 16x16 soft tokens
+
+
+def read_mmproj(path: str | Path) -> GGUFFile:
+    """A Gemma 3 vision projector GGUF; BadCheckpoint for anything else."""
+    mmproj = read_gguf(path)
+    arch = mmproj.metadata.get("general.architecture")
+    if arch != "clip":
+        raise BadCheckpoint(f"{mmproj.path}: not a vision projector (mmproj) GGUF: its "
+                            f"architecture is {arch!r}, not 'clip'; give the mmproj file "
+                            "shipped with the model")
+    kind = mmproj.metadata.get("clip.vision.projector_type",
+                               mmproj.metadata.get("clip.projector_type"))
+    if kind != "gemma3":
+        raise BadCheckpoint(f"{mmproj.path}: projector type {kind!r} is not Gemma 3's "
+                            "('gemma3'): give the mmproj file made for this Gemma 3 model")
+    for key in ("clip.vision.image_mean", "clip.vision.image_std"):
+        values = mmproj.metadata.get(key)
+        if values is not None and not np.allclose(np.asarray(values, np.float64), 0.5):
+            raise BadCheckpoint(f"{mmproj.path}: {key} is {list(np.asarray(values))}, but Gemma 3 "
+                                "normalizes images with 0.5: not a Gemma 3 projector")
+    return mmproj
+
+
+def vision_config(mmproj: GGUFFile) -> tuple[dict[str, Any], int]:
+    """The HF SigLIP vision config from `clip.vision.*`, and the soft tokens per image."""
+    def key(k: str) -> int:
+        return int(_meta(mmproj, f"clip.vision.{k}"))
+
+    size, patch = key("image_size"), key("patch_size")
+    scale = int(mmproj.metadata.get("clip.vision.projector.scale_factor", PROJECTOR_SCALE))
+    per_side = size // patch // max(scale, 1)
+    if per_side < 1:
+        raise BadCheckpoint(f"{mmproj.path}: {size}px images in {patch}px patches pooled by "
+                            f"{scale} leave no soft tokens")
+    eps = mmproj.metadata.get("clip.vision.attention.layer_norm_epsilon", 1e-6)
+    config = {"model_type": "siglip_vision_model", "hidden_size": key("embedding_length"),
+              "intermediate_size": key("feed_forward_length"),
+              "num_hidden_layers": key("block_count"),
+              "num_attention_heads": key("attention.head_count"), "image_size": size,
+              "patch_size": patch, "num_channels": 3, "layer_norm_eps": _f32(eps),
+              "vision_use_head": False}
+    return config, per_side * per_side
+
+
+def vision_key(gguf_name: str, n_layers: int) -> str | None:
+    """Our parameter name for an mmproj tensor (`v.blk.3.attn_q.bias` ->
+    `vision_tower.vision_model.encoder.layers.3.self_attn.q_proj.bias`), or None."""
+    if gguf_name == "mm.input_projection.weight":
+        return _INPUT_PROJECTION
+    base, _, kind = gguf_name.rpartition(".")
+    if kind not in ("weight", "bias"):
+        return None
+    if base in _VISION_TOP:
+        return f"{_VISION_TOP[base]}.{kind}"
+    m = re.fullmatch(r"v\.blk\.(\d+)\.(\w+)", base)
+    if m and m[2] in _VISION_LAYER and int(m[1]) < n_layers:
+        return f"{_VISION}encoder.layers.{m[1]}.{_VISION_LAYER[m[2]]}.{kind}"
+    return None
+
+
+def _vision_shapes(config: dict[str, Any], text_hidden: int) -> dict[str, tuple[int, ...]]:
+    """Every parameter of the tower and projector, with its shape in numpy order as the mmproj
+    stores it (the patch conv in torch's layout)."""
+    d, f, p = config["hidden_size"], config["intermediate_size"], config["patch_size"]
+    positions = (config["image_size"] // p) ** 2
+    shapes = {_PATCH_CONV: (d, config["num_channels"], p, p),
+              _VISION + "embeddings.patch_embedding.bias": (d,),
+              _VISION + "embeddings.position_embedding.weight": (positions, d),
+              _VISION + "post_layernorm.weight": (d,), _VISION + "post_layernorm.bias": (d,),
+              _INPUT_PROJECTION: (d, text_hidden), _SOFT_EMB_NORM: (d,)}
+    layer = {"self_attn.q_proj": (d, d), "self_attn.k_proj": (d, d), "self_attn.v_proj": (d, d),
+             "self_attn.out_proj": (d, d), "layer_norm1": None, "layer_norm2": None,
+             "mlp.fc1": (f, d), "mlp.fc2": (d, f)}
+    for i in range(config["num_hidden_layers"]):
+        for module, weight in layer.items():
+            path = f"{_VISION}encoder.layers.{i}.{module}"
+            shapes[f"{path}.weight"] = weight or (d,)
+            shapes[f"{path}.bias"] = (weight or (d,))[:1]
+    return shapes
+
+
+def vision_plan(mmproj: GGUFFile, config: dict[str, Any],
+                text_hidden: int) -> dict[str, GGUFTensor]:
+    """parameter name -> tensor for the whole tower and projector, checked complete and of the
+    right shapes (the projection's width against the text model's) before anything is written."""
+    n_layers = config["num_hidden_layers"]
+    plan = {}
+    for name, tensor in mmproj.tensors.items():
+        key = vision_key(name, n_layers)
+        if key is None:
+            raise BadCheckpoint(f"{mmproj.path}: unexpected tensor {name} for a {n_layers}-layer "
+                                "Gemma 3 vision tower")
+        plan[key] = tensor
+    width = plan[_INPUT_PROJECTION].shape[-1] if _INPUT_PROJECTION in plan else \
+        mmproj.metadata.get("clip.vision.projection_dim", text_hidden)
+    if width != text_hidden:
+        raise BadCheckpoint(f"{mmproj.path}: the projector maps images to width {width}, but the "
+                            f"text model's hidden size is {text_hidden}: give the mmproj file "
+                            "made for this model")
+    _unswap_ffn(plan, config)
+    expected = _vision_shapes(config, text_hidden)
+    missing = [k for k in expected if k not in plan]
+    if missing:
+        raise BadCheckpoint(f"{mmproj.path}: mmproj lacks the tensor for {missing[0]} "
+                            f"({len(missing)} missing)")
+    for key, shape in expected.items():
+        tensor = plan[key]
+        if tensor.shape != shape and not (len(shape) == 1 and prod(tensor.shape) == shape[0]):
+            raise BadCheckpoint(f"{mmproj.path}: tensor {tensor.name} has shape "
+                                f"{list(tensor.shape)}, not {list(shape)} as its metadata says")
+        plan[key] = replace(tensor, shape=shape)  # a bias stored as [1, 1, d] becomes [d]
+    return plan
+
+
+def _unswap_ffn(plan: dict[str, GGUFTensor], config: dict[str, Any]) -> None:
+    """Files from the older script hold fc1 as ffn_down and fc2 as ffn_up: when "ffn_down" takes
+    the embedding width as input, it is fc1 (clip.cpp's rule)."""
+    for i in range(config["num_hidden_layers"]):
+        fc1, fc2 = (f"{_VISION}encoder.layers.{i}.mlp.{m}" for m in ("fc1", "fc2"))
+        down = plan.get(f"{fc2}.weight")
+        if f"{fc1}.weight" in plan and down is not None and \
+                down.shape[-1] == config["hidden_size"] != config["intermediate_size"]:
+            for kind in ("weight", "bias"):
+                a, b = plan.pop(f"{fc1}.{kind}", None), plan.pop(f"{fc2}.{kind}", None)
+                plan.update({k: v for k, v in ((f"{fc1}.{kind}", b), (f"{fc2}.{kind}", a))
+                             if v is not None})
+
+
+def vision_weights(key: str, tensor: GGUFTensor,
+                   dtype: mx.Dtype) -> tuple[dict[str, mx.array], Setting | None]:
+    """The safetensors entries of one vision parameter, and (group_size, bits) if it stays
+    quantized: block-format weights of the tower's linear layers are repacked exactly as in the
+    text model (scales and biases in `dtype`); every other tensor keeps its stored float dtype
+    (F16 stays float16, lossless) or, from a block format, is dequantized to float32."""
+    module = key.removesuffix(".weight")
+    if tensor.qtype not in FLOAT_FORMATS and module != key and module.endswith(_VISION_LINEAR):
+        q = quantized(tensor)
+        return {f"{module}.weight": mx.array(q.weight),
+                f"{module}.scales": mx.array(q.scales).astype(dtype),
+                f"{module}.biases": mx.array(q.biases).astype(dtype)}, (q.group_size, q.bits)
+    values = to_float32(tensor)
+    if key == _SOFT_EMB_NORM:
+        values = values - 1  # llama.cpp stores Gemma's 1 + w; we compute x * (1 + w)
+    if key == _PATCH_CONV:
+        values = values.transpose(0, 2, 3, 1)  # torch's [out, in, kh, kw] -> MLX [out, kh, kw, in]
+    stored = {Q.F16: mx.float16, Q.BF16: mx.bfloat16}.get(tensor.qtype, mx.float32)
+    return {key: mx.array(values).astype(stored)}, None
+
+
+def multimodal_config(text: dict[str, Any], vision: dict[str, Any], tokens_per_image: int,
+                      tokens: list[str]) -> dict[str, Any]:
+    """The HF Gemma 3 multimodal config (original style), as mlx-vlm and we read it."""
+    def token_id(token: str, default: int) -> int:
+        return tokens.index(token) if token in tokens else default
+
+    return {
+        "architectures": ["Gemma3ForConditionalGeneration"],
+        "model_type": "gemma3",
+        "text_config": {k: v for k, v in text.items() if k != "architectures"},
+        "vision_config": vision,
+        "mm_tokens_per_image": tokens_per_image,
+        # the 1B/270M vocabulary lacks <image_soft_token>: the model takes the id from here
+        "image_token_index": token_id("<image_soft_token>", 262144),
+        "boi_token_index": token_id("<start_of_image>", 255999),
+        "eoi_token_index": token_id("<end_of_image>", 256000),
+        **{k: text[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype")},
+    }
+
+
+def write_preprocessor_config(vision: dict[str, Any], tokens_per_image: int,
+                              out_dir: Path) -> None:
+    """transformers' Gemma3ImageProcessor settings (what Google's repos ship), for mlx-vlm."""
+    size = vision["image_size"]
+    config = {"image_processor_type": "Gemma3ImageProcessor", "processor_class": "Gemma3Processor",
+              "do_resize": True, "size": {"height": size, "width": size}, "resample": 2,
+              "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+              "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "do_convert_rgb": None,
+              "do_pan_and_scan": None, "image_seq_length": tokens_per_image}
+    (out_dir / "preprocessor_config.json").write_text(json.dumps(config, indent=2))
+
+
+# ---------------------------------------------------------------------------------------------
 # Tokenizer files
 
 def _as_list(values: Any) -> list | None:
@@ -531,9 +746,10 @@ def write_weights(out_dir: Path, plan: dict[str, GGUFTensor],
 
     def entries() -> Iterator[dict[str, mx.array]]:
         for path, tensor in plan.items():
-            weights, setting = module_weights(path, tensor, dtype)
+            vision = path.startswith((_VISION, _PROJECTOR))
+            weights, setting = (vision_weights if vision else module_weights)(path, tensor, dtype)
             if setting is not None:
-                modules[path] = setting
+                modules[path.removesuffix(".weight")] = setting
             yield weights
 
     written, weight_map, total = [], {}, 0
@@ -552,15 +768,20 @@ def write_weights(out_dir: Path, plan: dict[str, GGUFTensor],
     return modules
 
 
-def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = DEFAULT_DTYPE) -> Path:
+def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = DEFAULT_DTYPE,
+                mmproj: str | Path | None = None) -> Path:
     """Write a model folder for a Gemma 3 GGUF that `mlx_lm.load` (and gemma_mlx) can load:
     config.json (with mlx-lm's per-module "quantization"), model.safetensors (5 GB shards for
     big models) with its index, tokenizer.json, tokenizer_config.json, special_tokens_map.json
     and generation_config.json. config.json is written last: a folder without it is incomplete.
 
+    With `mmproj`, llama.cpp's vision projector GGUF for this model, the folder holds the whole
+    multimodal model in mlx-vlm's layout (and a preprocessor_config.json); its vision floats keep
+    their stored dtype (see `vision_weights`).
+
     `dtype` is that of the scales, biases, norms and float matrices, and so the dtype mlx-lm
     computes in. Raises BadCheckpoint, before writing anything, for a truncated or corrupt file
-    or one that is not a Gemma 3 text model.
+    or one that is not a Gemma 3 text model (or, for `mmproj`, not its Gemma 3 projector).
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
@@ -572,6 +793,13 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = DEFAULT
     plan = _module_plan(gguf, n_layers)
     vocab_size = plan["model.embed_tokens"].shape[0]
     config = text_config(gguf, vocab_size, "lm_head" not in plan, dtype)
+    if mmproj is not None:
+        projector = read_mmproj(mmproj)
+        vision, tokens_per_image = vision_config(projector)
+        vision_params = vision_plan(projector, vision, config["hidden_size"])
+        config = multimodal_config(config, vision, tokens_per_image,
+                                   gguf.metadata["tokenizer.ggml.tokens"])
+        plan = {f"language_model.{p}": t for p, t in plan.items()} | vision_params
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -580,6 +808,8 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = DEFAULT
     generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
                   "pad_token_id": config["pad_token_id"]}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    if mmproj is not None:
+        write_preprocessor_config(vision, tokens_per_image, out)
     if modules:
         config["quantization"] = _quantization(modules)
         config["quantization_config"] = config["quantization"]  # mlx-community writes both

@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import BadCheckpoint, ModelNotFound
+from .errors import BadCheckpoint, BadRequest, ModelNotFound
 
 ALIASES: dict[str, str] = {
     "1b": "mlx-community/gemma-3-1b-it-qat-4bit",
@@ -36,10 +36,12 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def resolve(name: str, progress: Callable | None = None) -> Path:
-    """Turn what the user typed into a local model folder, downloading or importing once."""
+def resolve(name: str, progress: Callable | None = None, mmproj: str | None = None) -> Path:
+    """Turn what the user typed into a local model folder, downloading or importing once.
+    `mmproj` is llama.cpp's vision projector file for a .gguf model."""
     name = name.strip()
     key = name.lower()
+    mmproj_path = check_mmproj(name, mmproj)
     if key == PYPI_270M:
         return _pypi_270m()
     if key in ALIASES:
@@ -50,7 +52,7 @@ def resolve(name: str, progress: Callable | None = None) -> Path:
             if path.suffix.lower() != ".gguf":
                 raise ModelNotFound(f"{name} is a file but not a .gguf: give a .gguf file or "
                                     "a model folder (config.json + *.safetensors)")
-            return import_gguf_cached(path)
+            return import_gguf_cached(path, mmproj_path)
         return path
     if _looks_like_repo_id(name):
         return download(name, progress)
@@ -89,26 +91,53 @@ def download(repo_id: str, progress: Callable | None = None) -> Path:
                             "connection, or pass a local folder or a .gguf file") from e
 
 
-def import_gguf_cached(gguf_path: Path) -> Path:
-    """Import a GGUF into the cache once; later loads read the imported folder."""
+def check_mmproj(model: str, mmproj: str | None) -> Path | None:
+    """The vision projector file given with `model`, checked before any loading: it goes with a
+    .gguf model only (other models carry their vision tower in their own files)."""
+    if mmproj is None:
+        return None
+    model_path = Path(model.strip()).expanduser()
+    if model_path.suffix.lower() != ".gguf":
+        raise BadRequest(f"--mmproj (a llama.cpp vision projector) goes with a .gguf model file, "
+                         f"not '{model}': pass the .gguf it was made for as the model")
+    if not model_path.is_file():
+        raise ModelNotFound(f"no .gguf file at {model}: check the path")
+    path = Path(mmproj).expanduser()
+    if not path.is_file():
+        raise ModelNotFound(f"no mmproj file at {mmproj}: check the path (llama.cpp ships it "
+                            "beside the model, e.g. mmproj-model-f16.gguf)")
+    return path
+
+
+def import_gguf_cached(gguf_path: Path, mmproj: Path | None = None) -> Path:
+    """Import a GGUF (with its vision projector, if given) into the cache once; later loads
+    read the imported folder. The key names both files: another mmproj is another import."""
     gguf_path = gguf_path.resolve()
-    stat = gguf_path.stat()
-    key = f"{gguf_path}|{stat.st_size}|{stat.st_mtime_ns}|{IMPORT_VERSION}"
+    key = f"{_file_key(gguf_path)}|{IMPORT_VERSION}"
+    if mmproj is not None:
+        mmproj = mmproj.resolve()
+        key += f"|mmproj|{_file_key(mmproj)}"
     key = hashlib.sha256(key.encode()).hexdigest()
-    target = cache_dir() / "gguf" / f"{gguf_path.stem}-{key[:12]}"
+    vision = "-vision" if mmproj is not None else ""
+    target = cache_dir() / "gguf" / f"{gguf_path.stem}{vision}-{key[:12]}"
     if (target / "config.json").exists():
         return target
-    return _import_into(gguf_path, target)
+    return _import_into(gguf_path, target, mmproj)
 
 
-def _import_into(gguf_path: Path, target: Path) -> Path:
+def _file_key(path: Path) -> str:
+    stat = path.stat()
+    return f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+def _import_into(gguf_path: Path, target: Path, mmproj: Path | None = None) -> Path:
     """Import into a staging folder beside the target, then rename: never a half folder."""
     from .gguf import import_gguf
 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".import-", dir=target.parent))
     try:
-        import_gguf(gguf_path, staging)
+        import_gguf(gguf_path, staging, mmproj=mmproj)
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

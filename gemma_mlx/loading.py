@@ -83,9 +83,10 @@ def check_kv_bits(kv_bits: int | None) -> None:
 
 
 def load(name_or_path: str, quantize: bool = True, bits: int = 4, group_size: int = 64,
-         dtype: str | None = None, progress: Any = None) -> Model:
-    """Load a model by alias (270m, 1b, 4b, 12b, 27b), Hub repo id, folder or .gguf file."""
-    path = resolve(name_or_path, progress)
+         dtype: str | None = None, progress: Any = None, mmproj: str | None = None) -> Model:
+    """Load a model by alias (270m, 1b, 4b, 12b, 27b), Hub repo id, folder or .gguf file;
+    `mmproj`, llama.cpp's vision projector file, adds the vision tower to a .gguf model."""
+    path = resolve(name_or_path, progress, mmproj)
     spec = QuantizeSpec(bits, group_size) if quantize else None
     net, quantization = load_net(path, spec, dtype)
     return Model(net, load_tokenizer(path), path, quantization, name_or_path)

@@ -59,8 +59,10 @@ class Gemma3(nn.Module):
     def hidden(self, ids: mx.array, cache: list | None = None,
                image_features: mx.array | None = None) -> mx.array:
         """Final hidden states [B, L, hidden]: the engine takes logits of the last one only."""
-        h = self.decoder.embed(ids)
         is_image = ids == self.config.image_token_index
+        # The image token may lie past the embedding (a GGUF's vocabulary can stop at 262144):
+        # its rows are replaced by the soft tokens anyway, so look up token 0 there instead.
+        h = self.decoder.embed(mx.where(is_image, 0, ids))
         masks = None
         if image_features is not None:
             h = merge_image_features(h, is_image, image_features)
