@@ -658,7 +658,9 @@ def multimodal_config(text: dict[str, Any], vision: dict[str, Any], tokens_per_i
     return {
         "architectures": ["Gemma3ForConditionalGeneration"],
         "model_type": "gemma3",
-        "text_config": {k: v for k, v in text.items() if k != "architectures"},
+        # mlx-vlm reads the pooling from text_config's own mm_tokens_per_image (default 256)
+        "text_config": {**{k: v for k, v in text.items() if k != "architectures"},
+                        "mm_tokens_per_image": tokens_per_image},
         "vision_config": vision,
         "mm_tokens_per_image": tokens_per_image,
         # the 1B/270M vocabulary lacks <image_soft_token>: the model takes the id from here
