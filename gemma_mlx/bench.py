@@ -6,6 +6,18 @@ weight arrays in the same process, interleaved with ours run by run (ours, peer,
 so background load hits both alike. `--random 1b|4b|...` builds a real-shape model with random
 4-bit weights (group 64) and no tokenizer, so the benchmark needs no download.
 
+`--image`: each prompt holds one image: <bos>, <start_of_image>, its 256 soft tokens,
+<end_of_image>, then random text ids up to the prompt length. The image is random pixel values
+(uniform in [-1, 1], seeded) at the config's size, [1, 3, 896, 896]: no decoding or resizing is
+timed, but encoding them through the vision tower and projector is, inside the time to first
+token. A random 4b/12b/27b then gets a random SigLIP So400m tower (unquantized, in the compute
+dtype, as in mlx-community's checkpoints); `--random tiny` a tiny one (56px, 4 soft tokens).
+
+`--compare mlx-vlm` (a dev dependency): mlx-vlm's own Gemma 3 (`mlx_vlm.models.gemma3`, or
+`gemma3_text` for 1b/270m) on the same weight arrays, tower included, driven by
+`mlx_vlm.generate.generate_step` with input ids, pixel values and mask as its `stream_generate`
+passes them; with or without `--image`.
+
 Both sides are timed the same way, from outside their token generators: the time to first
 token runs from the call until the first token id is on the host (prefill plus one sampled
 token); prefill tok/s is prompt tokens over that time; decode tok/s is the tokens after the
@@ -14,14 +26,19 @@ during the run (weights included), after `mx.reset_peak_memory()`.
 
 JSON output (`--json`), one object:
 
-    model            what was measured, e.g. "random 4b (4-bit g64)" or the model's description
+    model            what was measured, e.g. "random 4b (4-bit g64)" ("random 4b with vision
+                     tower (4-bit g64)" with --image or --compare mlx-vlm, whose Gemma 3
+                     always has one) or the model's description
     device           MLX's default device, e.g. "Device(gpu, 0)"
     dtype            compute dtype of the unquantized tensors ("float32" on CPU, else "bfloat16")
     mlx, mlx_lm      library versions
+    mlx_vlm          mlx-vlm's version with --compare mlx-vlm, else null
+    image            whether each prompt holds one image (--image); its tokens count in
+                     prompt_tokens and its encoding in ttft_s
     gen_tokens       tokens generated per run
     compiled         whether our decode steps ran compiled (false with --no-compile)
     repeats          runs per implementation and prompt length (figures are medians)
-    peer             the implementation compared against ("mlx-lm"), or null
+    peer             the implementation compared against ("mlx-lm" or "mlx-vlm"), or null
     results          one entry per prompt length:
       prompt_tokens  prompt length
       ours, peer     figures (peer is null without --compare):
@@ -39,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -51,7 +69,7 @@ from mlx.utils import tree_flatten
 
 from .config import ModelConfig
 from .engine import SamplingSettings, Stats, generate_tokens
-from .errors import BadRequest
+from .errors import BadImage, BadRequest
 from .loading import Model, QuantizeSpec, compute_dtype, quantize_text_decoder
 from .model.gemma3 import Gemma3
 
@@ -65,13 +83,21 @@ SHAPES: dict[str, tuple] = {
     "12b": (3840, 15360, 48, 16, 8, 256, 256, 1024, 262208, 131072, 8.0),
     "27b": (5376, 21504, 62, 32, 16, 128, 168, 1024, 262208, 131072, 8.0),
 }
-PEERS = ("mlx-lm",)
+# SigLIP towers: hidden, MLP, layers, heads, image size, patch, soft tokens per image
+# (REFERENCE.md: So400m/14 at 896px on 4B/12B/27B). 1B and 270M are text only. The tiny one
+# has its own image token ids inside the tiny vocabulary (boi, eoi, image), below the ids the
+# random text prompts use.
+SO400M = (1152, 4304, 27, 16, 896, 14, 256)
+VISION_SHAPES: dict[str, tuple] = {"tiny": (32, 64, 2, 4, 56, 14, 4), "4b": SO400M,
+                                   "12b": SO400M, "27b": SO400M}
+TINY_IMAGE_IDS = {"boi_token_index": 997, "eoi_token_index": 998, "image_token_index": 999}
+PEERS = ("mlx-lm", "mlx-vlm")
 FIGURES = ("ttft_s", "prefill_tps", "decode_tps", "peak_memory_bytes")
 
 
-def shape_config(shape: str, dtype: str = "bfloat16") -> ModelConfig:
-    """The text-only config of a Gemma 3 size (the original config style, sliding pattern 6;
-    2 for `tiny`, so its 4 layers hold both kinds)."""
+def shape_config(shape: str, dtype: str = "bfloat16", vision: bool = False) -> ModelConfig:
+    """The config of a Gemma 3 size (the original config style, sliding pattern 6; 2 for
+    `tiny`, so its 4 layers hold both kinds): text only, or with `vision` its SigLIP tower."""
     (hidden, mlp, layers, heads, kv_heads, head_dim, q_scale, window, vocab, context,
      factor) = SHAPES[shape]
     raw = dict(model_type="gemma3_text", hidden_size=hidden, intermediate_size=mlp,
@@ -80,23 +106,36 @@ def shape_config(shape: str, dtype: str = "bfloat16") -> ModelConfig:
                sliding_window=window, vocab_size=vocab, max_position_embeddings=context,
                sliding_window_pattern=2 if shape == "tiny" else 6, torch_dtype=dtype,
                rope_scaling={"rope_type": "linear", "factor": factor} if factor != 1 else None)
-    return ModelConfig.from_dict(raw)
+    if not vision:
+        return ModelConfig.from_dict(raw)
+    hidden, mlp, layers, heads, image, patch, tokens = VISION_SHAPES[shape]
+    tower = dict(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+                 num_attention_heads=heads, image_size=image, patch_size=patch)
+    ids = TINY_IMAGE_IDS if shape == "tiny" else {}
+    return ModelConfig.from_dict({"model_type": "gemma3", "text_config": raw, "torch_dtype": dtype,
+                                  "vision_config": tower, "mm_tokens_per_image": tokens, **ids})
 
 
 # ---- the two implementations on one set of weights -----------------------------------------
 
 def random_model(shape: str, bits: int = 4, group_size: int = 64,
-                 dtype: str | None = None) -> Model:
-    """A real-shape Gemma 3 (text only) with random quantized weights, built without ever
-    materializing float weights (a 4B in float32 would be 16 GB)."""
+                 dtype: str | None = None, vision: bool = False) -> Model:
+    """A real-shape Gemma 3 with random quantized weights, built without ever materializing
+    float decoder weights (a 4B in float32 would be 16 GB). With `vision` (4b, 12b, 27b, tiny)
+    it has a random SigLIP tower and projector too, in float as in mlx-community's checkpoints
+    (the compute dtype: float32 on CPU, bfloat16 on GPU)."""
+    if vision and shape not in VISION_SHAPES:
+        raise BadImage(f"random {shape} takes text only: use 4b, 12b or 27b for images")
     dtype = dtype or compute_dtype() or "bfloat16"
-    config = shape_config(shape)
+    config = shape_config(shape, vision=vision)
     net = Gemma3(config)
     quantization = quantize_text_decoder(net, QuantizeSpec(bits, group_size))
     float_dtype = getattr(mx, dtype)
     weights = {}
     for name, value in tree_flatten(net.parameters()):
-        if name.endswith(".weight") and value.dtype == mx.uint32:  # packed 4-bit
+        if not name.startswith("language_model."):  # the vision tower and projector
+            weights[name] = random_vision_weight(name, value.shape, float_dtype)
+        elif name.endswith(".weight") and value.dtype == mx.uint32:  # packed 4-bit
             weights[name] = mx.random.randint(-(2**31), 2**31 - 1, value.shape,
                                               dtype=mx.int32).view(mx.uint32)
         elif name.endswith(".scales"):
@@ -114,7 +153,25 @@ def random_model(shape: str, bits: int = 4, group_size: int = 64,
             weights[name[: -len("scales")] + "biases"] = -(2 ** (bits - 1)) * weights[name]
     net.load_weights(list(weights.items()), strict=True)
     mx.eval(net.parameters())
-    return Model(net, None, Path(f"random-{shape}"), quantization, name=f"random {shape}")
+    name = f"random {shape}" + (" with vision tower" if vision else "")
+    return Model(net, None, Path(f"random-{shape}"), quantization, name=name)
+
+
+def random_vision_weight(name: str, shape: tuple, dtype: mx.Dtype) -> mx.array:
+    """Keeps activations at unit scale through the tower: conv and linear weights
+    N(0, 1/fan_in), zero biases, LayerNorm scales around 1, the projector's RMSNorm (1 + w)
+    around the identity."""
+    if name.endswith(".bias"):
+        return mx.zeros(shape, dtype=dtype)
+    if "layer_norm" in name or "layernorm" in name:
+        return (1 + 0.05 * mx.random.normal(shape)).astype(dtype)
+    if name.endswith("mm_soft_emb_norm.weight"):
+        return 0.05 * mx.random.normal(shape, dtype=dtype)
+    if name.endswith("position_embedding.weight"):
+        return mx.random.normal(shape, dtype=dtype)
+    # [out, in] linears, [out, kh, kw, in] patch conv, [in, out] projection matrix
+    fan_in = shape[0] if name.endswith("mm_input_projection_weight") else math.prod(shape[1:])
+    return mx.random.normal(shape, dtype=dtype, scale=fan_in**-0.5)
 
 
 def mlx_lm_peer(model: Model) -> nn.Module:
@@ -139,6 +196,56 @@ def mlx_lm_peer(model: Model) -> nn.Module:
     return ref
 
 
+def mlx_vlm_version() -> str:
+    """mlx-vlm is a dev dependency: imported only for `--compare mlx-vlm`."""
+    try:
+        import mlx_vlm
+    except ImportError as e:
+        raise BadRequest("--compare mlx-vlm needs mlx-vlm, a dev dependency: install the dev "
+                         "extra (pip install -e '.[dev]')") from e
+    return mlx_vlm.__version__
+
+
+def mlx_vlm_peer(model: Model) -> nn.Module:
+    """mlx-vlm's Gemma 3 (`mlx_vlm.models.gemma3`, or `gemma3_text` for a text-only model)
+    holding the same weight arrays as ours (no copy), configured as mlx-vlm's loader configures
+    it from our config.json. Our keys are mlx-vlm's; its output head, tied to the embedding,
+    gets the embedding's arrays; quantized exactly where ours is.
+
+    Known differences (mlx-vlm 0.7.10), none of which changes the work done: its SigLIP
+    post-LayerNorm has eps 1e-5 (config: 1e-6); it scales the soft tokens by
+    sqrt(text hidden) / sqrt(2048), its default top-level hidden_size, where the reference
+    does not scale them; and its prefill is causal over the image tokens (ours, as the
+    reference, lets one image's tokens see each other both ways)."""
+    mlx_vlm_version()
+    from mlx_vlm.models import gemma3, gemma3_text
+    from mlx_vlm.utils import update_module_configs
+
+    raw = model.config.to_hf()
+    if model.config.has_vision:
+        # mlx-vlm reads mm_tokens_per_image from text_config (default 256, the real value).
+        raw["text_config"]["mm_tokens_per_image"] = model.config.mm_tokens_per_image
+        config = gemma3.ModelConfig.from_dict(raw)
+        ref = gemma3.Model(update_module_configs(config, gemma3, raw, ["text", "vision"]))
+    else:
+        ref = gemma3_text.Model(gemma3_text.ModelConfig.from_dict(raw))
+    weights = dict(tree_flatten(model.net.parameters()))
+    embed, head = "language_model.model.embed_tokens", "language_model.lm_head"
+    weights.update({head + k[len(embed):]: v for k, v in weights.items() if k.startswith(embed)})
+    quantized = {path: module for path, module in model.net.named_modules()
+                 if hasattr(module, "bits")}
+
+    def predicate(path: str, module: nn.Module) -> bool | dict:
+        mine = quantized.get(embed if path == head else path)
+        if mine is None:
+            return False
+        return {"group_size": mine.group_size, "bits": mine.bits, "mode": mine.mode}
+
+    nn.quantize(ref, class_predicate=predicate)
+    ref.load_weights(list(weights.items()), strict=True)
+    return ref
+
+
 @dataclass
 class Run:
     ttft_s: float
@@ -150,17 +257,20 @@ class Run:
 class Implementation:
     name = "?"
 
-    def tokens(self, prompt: list[int], max_tokens: int):
+    def tokens(self, prompt: list[int], max_tokens: int, pixel_values: mx.array | None = None):
+        """Greedy token ids; `pixel_values` [1, 3, H, W] fill the prompt's image tokens."""
         raise NotImplementedError
 
-    def run(self, prompt: list[int], max_tokens: int) -> Run:
-        """One timed generation (greedy), timed identically for every implementation."""
+    def run(self, prompt: list[int], max_tokens: int,
+            pixel_values: mx.array | None = None) -> Run:
+        """One timed generation (greedy), timed identically for every implementation: with an
+        image, its encoding (tower and projector) is inside the time to first token."""
         mx.clear_cache()
         mx.reset_peak_memory()
         n = 0
         start = time.perf_counter()
         first = last = start
-        for _ in self.tokens(prompt, max_tokens):
+        for _ in self.tokens(prompt, max_tokens, pixel_values):
             last = time.perf_counter()
             if n == 0:
                 first = last
@@ -179,10 +289,14 @@ class Ours(Implementation):
         self.model = model
         self.compiled = compiled
 
-    def tokens(self, prompt: list[int], max_tokens: int):
+    def tokens(self, prompt: list[int], max_tokens: int, pixel_values: mx.array | None = None):
+        features = None
+        if pixel_values is not None:  # as Chat does: encode the image, then prefill
+            features = self.model.net.encode_images(pixel_values)
+            mx.eval(features)
         settings = SamplingSettings(temp=0.0, max_tokens=max_tokens)
         return generate_tokens(self.model, prompt, self.model.make_cache(), settings, Stats(),
-                               compiled=self.compiled)
+                               image_features=features, compiled=self.compiled)
 
 
 class MlxLm(Implementation):
@@ -191,10 +305,30 @@ class MlxLm(Implementation):
     def __init__(self, ref: nn.Module):
         self.ref = ref
 
-    def tokens(self, prompt: list[int], max_tokens: int):
+    def tokens(self, prompt: list[int], max_tokens: int, pixel_values: mx.array | None = None):
         from mlx_lm.generate import generate_step
 
+        assert pixel_values is None, "mlx-lm takes text only"
         for token, _ in generate_step(mx.array(prompt), self.ref, max_tokens=max_tokens):
+            yield token
+
+
+class MlxVlm(Implementation):
+    """Driven by mlx-vlm's own `generate_step` with input ids, pixel values and the
+    processor's all-ones attention mask, as its `stream_generate` calls it."""
+
+    name = "mlx-vlm"
+
+    def __init__(self, ref: nn.Module):
+        self.ref = ref
+
+    def tokens(self, prompt: list[int], max_tokens: int, pixel_values: mx.array | None = None):
+        from mlx_vlm.generate import generate_step
+
+        ids = mx.array(prompt)[None]
+        mask = mx.ones(ids.shape, dtype=mx.int32)
+        for token, _ in generate_step(ids, self.ref, pixel_values, mask, max_tokens=max_tokens,
+                                      temperature=0.0):
             yield token
 
 
@@ -216,26 +350,48 @@ class Figures:
                    int(med["peak_memory_bytes"]), generated, [asdict(r) for r in runs])
 
 
-def prompt_ids(n: int, vocab: int, seed: int = 0) -> list[int]:
-    """Random ordinary token ids (below the image token 262144 and the special ones)."""
+@dataclass
+class ImagePrompt:
+    """The one image each `--image` prompt holds. Its pixel values are random, uniform in
+    [-1, 1] (the range of preprocessed pixels; the tower's work does not depend on them),
+    [1, 3, size, size] at the config's image size, the same array for both sides; `ids` are
+    the tokens it takes in the prompt: <start_of_image>, the soft tokens, <end_of_image>."""
+
+    pixel_values: mx.array
+    ids: list[int]
+
+    @classmethod
+    def of(cls, config: ModelConfig, seed: int = 0) -> ImagePrompt:
+        size = config.vision.image_size
+        pixels = mx.random.uniform(-1, 1, (1, 3, size, size), key=mx.random.key(seed))
+        soft = [config.image_token_index] * config.mm_tokens_per_image
+        return cls(pixels, [config.boi_token_index, *soft, config.eoi_token_index])
+
+
+def prompt_ids(n: int, vocab: int, seed: int = 0, image: ImagePrompt | None = None) -> list[int]:
+    """<bos>, the image's tokens if any, then random ordinary token ids up to n (below the
+    image token 262144 and the special ones)."""
     key = mx.random.key(seed)
     high = min(vocab, 262_144)
-    return [2] + mx.random.randint(1000 % high, high, (n - 1,), key=key).tolist()
+    head = [2] + (image.ids if image else [])
+    return head + mx.random.randint(1000 % high, high, (n - len(head),), key=key).tolist()
 
 
 def measure(ours: Implementation, peer: Implementation | None, prompt_lengths: list[int],
-            gen_tokens: int, repeats: int, vocab: int, progress: Any = None) -> list[dict]:
+            gen_tokens: int, repeats: int, vocab: int, progress: Any = None,
+            image: ImagePrompt | None = None) -> list[dict]:
     impls = [ours] + ([peer] if peer is not None else [])
+    pixels = image.pixel_values if image else None
     for impl in impls:  # warm-up: kernels, compiled functions, allocator
-        impl.run(prompt_ids(16, vocab), 4)
+        impl.run(prompt_ids(16 + len(image.ids) if image else 16, vocab, image=image), 4, pixels)
     results = []
     for length in prompt_lengths:
-        prompt = prompt_ids(length, vocab)
+        prompt = prompt_ids(length, vocab, image=image)
         runs: dict[str, list[Run]] = {impl.name: [] for impl in impls}
         for r in range(repeats):
             order = impls if r % 2 == 0 else impls[::-1]
             for impl in order:
-                run = impl.run(prompt, gen_tokens)
+                run = impl.run(prompt, gen_tokens, pixels)
                 runs[impl.name].append(run)
                 if progress:
                     progress(f"{impl.name} prompt {length}: ttft {run.ttft_s:.3f} s, "
@@ -267,7 +423,9 @@ def table(report: dict) -> str:
                          f"{f['decode_tps']:.2f}", f"{f['ttft_s']:.3f}", f"{mem:.2f}"])
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     lines = [f"{report['model']} on {report['device']} ({report['dtype']}), "
-             f"{report['gen_tokens']} generated tokens, median of {report['repeats']}"]
+             f"{report['gen_tokens']} generated tokens, median of {report['repeats']}"
+             + (", one image per prompt (its encoding in the ttft)" if report.get("image")
+                else "")]
     for r in [head, *rows]:
         lines.append("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
     return "\n".join(lines)
@@ -288,6 +446,9 @@ def parser() -> argparse.ArgumentParser:
                    help="comma-separated prompt lengths (default: 512,4096)")
     p.add_argument("--gen-tokens", type=int, default=128, help="tokens to generate (128)")
     p.add_argument("--repeats", type=int, default=3, help="runs per figure, median (3)")
+    p.add_argument("--image", action="store_true",
+                   help="each prompt holds one image (random pixels); its encoding through the "
+                        "vision tower and projector counts in the time to first token")
     p.add_argument("--compare", choices=PEERS, default=None,
                    help="also run this implementation on the same weights, interleaved")
     p.add_argument("--no-compile", action="store_true",
@@ -313,13 +474,30 @@ def run_bench(argv: list[str], out: Any, err: Any) -> int:
         raise BadRequest(f"--gen-tokens must be at least 2 (got {args.gen_tokens})")
     if args.repeats < 1:
         raise BadRequest(f"--repeats must be at least 1 (got {args.repeats})")
+    if args.image and args.compare == "mlx-lm":
+        raise BadRequest("--image needs --compare mlx-vlm (mlx-lm takes text only)")
+    vlm_version = mlx_vlm_version() if args.compare == "mlx-vlm" else None
     if args.random:
-        model = random_model(args.random)
+        if args.image and args.random not in VISION_SHAPES:
+            raise BadImage(f"--image needs a vision model, but {args.random} takes text only: "
+                           "use --random 4b, 12b or 27b")
+        # mlx-vlm's Gemma 3 has a tower even for text prompts: give it ours to share.
+        vision = args.random in VISION_SHAPES and (args.image or vlm_version is not None)
+        model = random_model(args.random, vision=vision)
     else:
         from .hub import DEFAULT_MODEL
         from .loading import load
 
         model = load(args.model or DEFAULT_MODEL)
+    image = None
+    if args.image:
+        if not model.config.has_vision:
+            raise BadImage(f"--image needs a vision model, but {model.name} takes text only: "
+                           "use 4b, 12b or 27b")
+        image = ImagePrompt.of(model.config)
+        if min(lengths) < len(image.ids) + 2:
+            raise BadRequest(f"--image needs --prompt-tokens of at least {len(image.ids) + 2} "
+                             f"(the image takes {len(image.ids)}; got {args.prompt_tokens})")
     text = model.config.text
     too_long = max(lengths) + args.gen_tokens
     if too_long > text.max_position_embeddings:
@@ -329,7 +507,11 @@ def run_bench(argv: list[str], out: Any, err: Any) -> int:
         # Lays the q/k/v and gate/up weights out fused (in place, as views) before the peer
         # takes the same arrays, so both run on one copy of the weights.
         model.net.decoder.decode_program()
-    peer = MlxLm(mlx_lm_peer(model)) if args.compare == "mlx-lm" else None
+    peer: Implementation | None = None
+    if args.compare == "mlx-lm":
+        peer = MlxLm(mlx_lm_peer(model))
+    elif args.compare == "mlx-vlm":
+        peer = MlxVlm(mlx_vlm_peer(model))
 
     def progress(line: str) -> None:
         print(line, file=err, flush=True)
@@ -339,12 +521,13 @@ def run_bench(argv: list[str], out: Any, err: Any) -> int:
     with wired_limit(model.net):
         ours = Ours(model, compiled=not args.no_compile)
         results = measure(ours, peer, lengths, args.gen_tokens, args.repeats, text.vocab_size,
-                          progress)
+                          progress, image)
     import mlx_lm
 
     report = {
         "model": model.description, "device": str(mx.default_device()),
         "dtype": _float_dtype(model.net), "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__,
+        "mlx_vlm": vlm_version, "image": args.image,
         "gen_tokens": args.gen_tokens, "repeats": args.repeats, "compiled": not args.no_compile,
         "peer": args.compare, "results": results,
     }
