@@ -18,6 +18,12 @@ dtype, as in mlx-community's checkpoints); `--random tiny` a tiny one (56px, 4 s
 `mlx_vlm.generate.generate_step` with input ids, pixel values and mask as its `stream_generate`
 passes them; with or without `--image`.
 
+`--kv-bits 8|4` and `--max-context N` bound our KV cache as the CLI options of the same names
+do (a quantized cache for the global layers; only the newest N tokens of a longer prompt, after
+<bos>, as a conversation drops its oldest turns). Without `--compare`, the peer is then our own
+engine with the whole full-precision cache ("gemma-mlx full KV"), so the ratios say what the
+bound saves, e.g. `--random 4b --prompt-tokens 32768,131072 --kv-bits 8`.
+
 Both sides are timed the same way, from outside their token generators: the time to first
 token runs from the call until the first token id is on the host (prefill plus one sampled
 token); prefill tok/s is prompt tokens over that time; decode tok/s is the tokens after the
@@ -38,18 +44,26 @@ JSON output (`--json`), one object:
     gen_tokens       tokens generated per run
     compiled         whether our decode steps ran compiled (false with --no-compile)
     repeats          runs per implementation and prompt length (figures are medians)
-    peer             the implementation compared against ("mlx-lm" or "mlx-vlm"), or null
+    kv_bits          our KV cache bits (--kv-bits), or null for full precision
+    max_context      our context bound (--max-context), or null
+    peer             the implementation compared against ("mlx-lm", "mlx-vlm" or, with a
+                     bound and no --compare, "gemma-mlx full KV"), or null
     results          one entry per prompt length:
       prompt_tokens  prompt length
       ours, peer     figures (peer is null without --compare):
-        prefill_tps        prompt tokens per second (prompt tokens / ttft_s)
+        prefill_tps        prompt tokens per second (prompt tokens / ttft_s; with
+                           --max-context, the tokens kept)
         decode_tps         generated tokens after the first per second after the first
         ttft_s             seconds from the call to the first generated token
         peak_memory_bytes  MLX's peak memory during the run
+        kv_cache_bytes     the KV cache's buffers at the end of the run (0 where the
+                           implementation does not expose its cache: mlx-vlm)
         generated_tokens   tokens generated (gen_tokens)
-        runs               each repeat's {ttft_s, prefill_tps, decode_tps, peak_memory_bytes}
-      ratio          ours / peer for prefill_tps, decode_tps, ttft_s and peak_memory_bytes
-                     (above 1 is better for the speeds, below 1 for time and memory); or null
+        runs               each repeat's {ttft_s, prefill_tps, decode_tps, peak_memory_bytes,
+                           kv_cache_bytes}
+      ratio          ours / peer for prefill_tps, decode_tps, ttft_s, peak_memory_bytes and
+                     kv_cache_bytes (above 1 is better for the speeds, below 1 for time and
+                     memory); or null
 """
 
 from __future__ import annotations
@@ -92,7 +106,8 @@ VISION_SHAPES: dict[str, tuple] = {"tiny": (32, 64, 2, 4, 56, 14, 4), "4b": SO40
                                    "12b": SO400M, "27b": SO400M}
 TINY_IMAGE_IDS = {"boi_token_index": 997, "eoi_token_index": 998, "image_token_index": 999}
 PEERS = ("mlx-lm", "mlx-vlm")
-FIGURES = ("ttft_s", "prefill_tps", "decode_tps", "peak_memory_bytes")
+FULL_CACHE = "gemma-mlx full KV"  # the peer of --kv-bits / --max-context without --compare
+FIGURES = ("ttft_s", "prefill_tps", "decode_tps", "peak_memory_bytes", "kv_cache_bytes")
 
 
 def shape_config(shape: str, dtype: str = "bfloat16", vision: bool = False) -> ModelConfig:
@@ -252,19 +267,26 @@ class Run:
     prefill_tps: float
     decode_tps: float
     peak_memory_bytes: int
+    kv_cache_bytes: int = 0  # the KV cache's buffers after the run (0: not known)
 
 
 class Implementation:
     name = "?"
+    cache: list | None = None  # the last run's KV cache, where the implementation exposes it
 
     def tokens(self, prompt: list[int], max_tokens: int, pixel_values: mx.array | None = None):
         """Greedy token ids; `pixel_values` [1, 3, H, W] fill the prompt's image tokens."""
         raise NotImplementedError
 
+    def fit(self, prompt: list[int], max_tokens: int) -> list[int]:
+        """The prompt as this implementation takes it (all of it, unless bounded)."""
+        return prompt
+
     def run(self, prompt: list[int], max_tokens: int,
             pixel_values: mx.array | None = None) -> Run:
         """One timed generation (greedy), timed identically for every implementation: with an
         image, its encoding (tower and projector) is inside the time to first token."""
+        prompt = self.fit(prompt, max_tokens)
         mx.clear_cache()
         mx.reset_peak_memory()
         n = 0
@@ -279,15 +301,28 @@ class Implementation:
                 break
         ttft = first - start
         decode = (n - 1) / (last - first) if n > 1 and last > first else 0.0
-        return Run(ttft, len(prompt) / ttft, decode, mx.get_peak_memory())
+        kv_bytes = sum(c.nbytes for c in self.cache) if self.cache else 0
+        self.cache = None
+        return Run(ttft, len(prompt) / ttft, decode, mx.get_peak_memory(), kv_bytes)
 
 
 class Ours(Implementation):
-    name = "gemma-mlx"
+    """Our engine; with `kv_bits` its cache is quantized, and with `max_context` it keeps
+    only the newest tokens of a longer prompt (after <bos>), as a conversation drops its
+    oldest turns, so the cache never holds more than `max_context` tokens."""
 
-    def __init__(self, model: Model, compiled: bool = True):
+    def __init__(self, model: Model, compiled: bool = True, kv_bits: int | None = None,
+                 max_context: int | None = None, name: str = "gemma-mlx"):
         self.model = model
         self.compiled = compiled
+        self.kv_bits = kv_bits
+        self.max_context = max_context
+        self.name = name
+
+    def fit(self, prompt: list[int], max_tokens: int) -> list[int]:
+        if self.max_context and len(prompt) + max_tokens > self.max_context:
+            return prompt[:1] + prompt[len(prompt) + max_tokens + 1 - self.max_context:]
+        return prompt
 
     def tokens(self, prompt: list[int], max_tokens: int, pixel_values: mx.array | None = None):
         features = None
@@ -295,7 +330,8 @@ class Ours(Implementation):
             features = self.model.net.encode_images(pixel_values)
             mx.eval(features)
         settings = SamplingSettings(temp=0.0, max_tokens=max_tokens)
-        return generate_tokens(self.model, prompt, self.model.make_cache(), settings, Stats(),
+        self.cache = self.model.make_cache(self.kv_bits)
+        return generate_tokens(self.model, prompt, self.cache, settings, Stats(),
                                image_features=features, compiled=self.compiled)
 
 
@@ -307,9 +343,12 @@ class MlxLm(Implementation):
 
     def tokens(self, prompt: list[int], max_tokens: int, pixel_values: mx.array | None = None):
         from mlx_lm.generate import generate_step
+        from mlx_lm.models.cache import make_prompt_cache
 
         assert pixel_values is None, "mlx-lm takes text only"
-        for token, _ in generate_step(mx.array(prompt), self.ref, max_tokens=max_tokens):
+        self.cache = make_prompt_cache(self.ref)
+        for token, _ in generate_step(mx.array(prompt), self.ref, max_tokens=max_tokens,
+                                      prompt_cache=self.cache):
             yield token
 
 
@@ -340,6 +379,7 @@ class Figures:
     decode_tps: float
     ttft_s: float
     peak_memory_bytes: int
+    kv_cache_bytes: int
     generated_tokens: int
     runs: list[dict] = field(default_factory=list)
 
@@ -347,7 +387,8 @@ class Figures:
     def median_of(cls, runs: list[Run], generated: int) -> Figures:
         med = {f: statistics.median(getattr(r, f) for r in runs) for f in FIGURES}
         return cls(med["prefill_tps"], med["decode_tps"], med["ttft_s"],
-                   int(med["peak_memory_bytes"]), generated, [asdict(r) for r in runs])
+                   int(med["peak_memory_bytes"]), int(med["kv_cache_bytes"]), generated,
+                   [asdict(r) for r in runs])
 
 
 @dataclass
@@ -410,7 +451,7 @@ def measure(ours: Implementation, peer: Implementation | None, prompt_lengths: l
 
 def table(report: dict) -> str:
     peer = report["peer"]
-    head = ["prompt", "impl", "prefill tok/s", "decode tok/s", "ttft s", "peak GB"]
+    head = ["prompt", "impl", "prefill tok/s", "decode tok/s", "ttft s", "peak memory", "KV cache"]
     rows = []
     for entry in report["results"]:
         for label in ("ours", "peer", "ratio"):
@@ -418,9 +459,11 @@ def table(report: dict) -> str:
             if f is None:
                 continue
             name = {"ours": "gemma-mlx", "peer": peer, "ratio": "ours/peer"}[label]
-            mem = f["peak_memory_bytes"] / (1 if label == "ratio" else 2**30)
+            size = (lambda x: f"{x:.2f}") if label == "ratio" else _size
+            kv = size(f["kv_cache_bytes"]) if f.get("kv_cache_bytes") else "-"
             rows.append([str(entry["prompt_tokens"]), name, f"{f['prefill_tps']:.2f}",
-                         f"{f['decode_tps']:.2f}", f"{f['ttft_s']:.3f}", f"{mem:.2f}"])
+                         f"{f['decode_tps']:.2f}", f"{f['ttft_s']:.3f}",
+                         size(f["peak_memory_bytes"]), kv])
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     lines = [f"{report['model']} on {report['device']} ({report['dtype']}), "
              f"{report['gen_tokens']} generated tokens, median of {report['repeats']}"
@@ -451,6 +494,13 @@ def parser() -> argparse.ArgumentParser:
                         "vision tower and projector counts in the time to first token")
     p.add_argument("--compare", choices=PEERS, default=None,
                    help="also run this implementation on the same weights, interleaved")
+    p.add_argument("--kv-bits", type=int, choices=(4, 8), default=None,
+                   help="our KV cache quantized to 8 or 4 bits; without --compare, measured "
+                        "beside our full-precision cache")
+    p.add_argument("--max-context", type=int, default=None, metavar="TOKENS",
+                   help="we keep only this many tokens of longer prompts (as a conversation "
+                        "drops its oldest turns); without --compare, measured beside the "
+                        "whole context")
     p.add_argument("--no-compile", action="store_true",
                    help="decode op by op, as before compiling (to measure what compiling gives)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead")
@@ -474,6 +524,9 @@ def run_bench(argv: list[str], out: Any, err: Any) -> int:
         raise BadRequest(f"--gen-tokens must be at least 2 (got {args.gen_tokens})")
     if args.repeats < 1:
         raise BadRequest(f"--repeats must be at least 1 (got {args.repeats})")
+    if args.max_context is not None and (args.max_context < 64 or args.image):
+        raise BadRequest("--max-context takes at least 64 tokens, and no --image (the image "
+                         "would be the first thing dropped)")
     if args.image and args.compare == "mlx-lm":
         raise BadRequest("--image needs --compare mlx-vlm (mlx-lm takes text only)")
     vlm_version = mlx_vlm_version() if args.compare == "mlx-vlm" else None
@@ -507,11 +560,15 @@ def run_bench(argv: list[str], out: Any, err: Any) -> int:
         # Lays the q/k/v and gate/up weights out fused (in place, as views) before the peer
         # takes the same arrays, so both run on one copy of the weights.
         model.net.decoder.decode_program()
+    compiled = not args.no_compile
+    bounded = args.kv_bits is not None or args.max_context is not None
     peer: Implementation | None = None
     if args.compare == "mlx-lm":
         peer = MlxLm(mlx_lm_peer(model))
     elif args.compare == "mlx-vlm":
         peer = MlxVlm(mlx_vlm_peer(model))
+    elif bounded:  # what the bounds save: the same engine with the whole full-precision cache
+        peer = Ours(model, compiled, name=FULL_CACHE)
 
     def progress(line: str) -> None:
         print(line, file=err, flush=True)
@@ -519,7 +576,7 @@ def run_bench(argv: list[str], out: Any, err: Any) -> int:
     from mlx_lm.generate import wired_limit  # Metal: keep the weights wired; no-op elsewhere
 
     with wired_limit(model.net):
-        ours = Ours(model, compiled=not args.no_compile)
+        ours = Ours(model, compiled, args.kv_bits, args.max_context)
         results = measure(ours, peer, lengths, args.gen_tokens, args.repeats, text.vocab_size,
                           progress, image)
     import mlx_lm
@@ -529,10 +586,15 @@ def run_bench(argv: list[str], out: Any, err: Any) -> int:
         "dtype": _float_dtype(model.net), "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__,
         "mlx_vlm": vlm_version, "image": args.image,
         "gen_tokens": args.gen_tokens, "repeats": args.repeats, "compiled": not args.no_compile,
-        "peer": args.compare, "results": results,
+        "kv_bits": args.kv_bits, "max_context": args.max_context,
+        "peer": peer.name if peer else None, "results": results,
     }
     print(json.dumps(report) if args.json else table(report), file=out)
     return 0
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.2f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB"
 
 
 def _float_dtype(net: nn.Module) -> str:

@@ -26,6 +26,7 @@ from gemma_mlx.engine import prefill
 from gemma_mlx.model import gemma3
 
 FIGURES = ("prefill_tps", "decode_tps", "ttft_s", "peak_memory_bytes")
+WITH_KV = (*FIGURES, "kv_cache_bytes")  # where the implementation's cache can be measured
 TINY = ["bench", "--random", "tiny", "--prompt-tokens", "16,40", "--gen-tokens", "4",
         "--repeats", "2"]
 
@@ -48,10 +49,10 @@ def test_json_has_every_field_positive_with_mlx_lm_comparison(capsys):
             figures = entry[side]
             assert figures["generated_tokens"] == 4
             assert len(figures["runs"]) == 2
-            for name in FIGURES:
+            for name in WITH_KV:
                 assert figures[name] > 0, (side, name)
                 assert all(run[name] > 0 for run in figures["runs"])
-        assert set(entry["ratio"]) == set(FIGURES)
+        assert set(entry["ratio"]) == set(WITH_KV)
         assert all(v > 0 for v in entry["ratio"].values())
 
 
@@ -66,8 +67,8 @@ def test_without_compare_only_ours_and_uncompiled_option(capsys):
 def test_table_output(capsys):
     assert cli.main([*TINY, "--compare", "mlx-lm"]) == 0
     captured = capsys.readouterr()
-    for word in ("prefill tok/s", "decode tok/s", "ttft s", "peak GB", "gemma-mlx", "mlx-lm",
-                 "ours/peer"):
+    for word in ("prefill tok/s", "decode tok/s", "ttft s", "peak memory", "KV cache",
+                 "gemma-mlx", "mlx-lm", "ours/peer"):
         assert word in captured.out
     assert "decode" in captured.err  # progress lines go to stderr
 
@@ -80,6 +81,34 @@ def test_table_output(capsys):
     (["--prompt-tokens", "5000"], "context window"),
 ])
 def test_bad_options_are_one_line_errors(capsys, args, fragment):
+    assert cli.main(["bench", "--random", "tiny", *args]) == cli.EXIT_ERROR
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and fragment in err[0]
+
+
+@pytest.mark.parametrize("bound, most", [(["--kv-bits", "8"], 0.5), (["--kv-bits", "4"], 0.3),
+                                         (["--max-context", "128"], 0.5)])
+def test_kv_bounds_are_measured_beside_the_full_cache(capsys, bound, most):
+    """Without --compare, the peer is our own engine with the whole full-precision cache: the
+    ratios say what the bound saves (the tiny model's 16-token window keeps the sliding
+    layers small, so the global layers' cache dominates at 600 tokens)."""
+    assert cli.main(["bench", "--random", "tiny", "--prompt-tokens", "600", "--gen-tokens", "4",
+                     "--repeats", "1", *bound, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["peer"] == "gemma-mlx full KV"
+    assert (report["kv_bits"], report["max_context"]) == (
+        int(bound[1]) if bound[0] == "--kv-bits" else None,
+        int(bound[1]) if bound[0] == "--max-context" else None)
+    (entry,) = report["results"]
+    assert 0 < entry["ours"]["kv_cache_bytes"] < most * entry["peer"]["kv_cache_bytes"]
+    assert entry["ratio"]["kv_cache_bytes"] < most
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--max-context", "10"], "at least 64"),
+    (["--max-context", "128", "--image"], "no --image"),
+])
+def test_bad_bound_options_are_one_line_errors(capsys, args, fragment):
     assert cli.main(["bench", "--random", "tiny", *args]) == cli.EXIT_ERROR
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and fragment in err[0]
