@@ -36,6 +36,7 @@ from .prompt import (
     pan_and_scan_text,
     render_turn,
 )
+from .speculative import DEFAULT_NUM_DRAFT_TOKENS, Draft, check_draft, check_num_draft_tokens
 
 SAVE_FORMAT = 1
 MIN_CONTEXT = 64  # tokens: below this no conversation fits
@@ -75,9 +76,13 @@ class Chat:
     """
 
     def __init__(self, model: Model, system: str | None = None, max_context: int | None = None,
-                 pan_and_scan: bool = False, kv_bits: int | None = None, **sampling: Any):
+                 pan_and_scan: bool = False, kv_bits: int | None = None,
+                 draft_model: Model | None = None,
+                 num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS, **sampling: Any):
         """`max_context` bounds the tokens the model sees (the oldest turns go beyond it) and so
-        the KV cache's memory; `kv_bits` 4 or 8 stores the growing part of the cache quantized."""
+        the KV cache's memory; `kv_bits` 4 or 8 stores the growing part of the cache quantized.
+        A `draft_model` (a small Gemma 3: 270m, 1b) drafts `num_draft_tokens` at a time for
+        speculative decoding (the replies stay the model's own)."""
         self.model = model
         self.system = system
         self.settings = SamplingSettings(**sampling)
@@ -86,6 +91,11 @@ class Chat:
         self.pan_and_scan = pan_and_scan
         self.max_context = max_context
         self.kv_bits = kv_bits
+        if draft_model is not None:
+            check_draft(model, draft_model)
+        check_num_draft_tokens(num_draft_tokens)
+        self.draft_model = draft_model
+        self.num_draft_tokens = num_draft_tokens
         self.messages: list[Message] = []
         self.notices: list[str] = []  # what the user should be told (e.g. turns dropped)
         self.first_turn = 0  # messages before this index no longer fit the context window
@@ -97,6 +107,8 @@ class Chat:
         # block has the same token ids, so a cached prefix must also have the same pictures.
         self._cached_pictures: list[str] = []
         self._features: dict[str, mx.array] = {}
+        self._draft_cache: list | None = None  # the draft model's, and the ids it holds
+        self._draft_ids: list[int] = []
         self.last_prefill_tokens = 0  # how many tokens the last turn actually prefilled
 
     # ---- the public conversation --------------------------------------------------------
@@ -142,6 +154,7 @@ class Chat:
         self.messages.clear()
         self.first_turn = 0
         self._cache, self._cached_ids = None, []
+        self._draft_cache, self._draft_ids = None, []
 
     @property
     def tokens_used(self) -> int:
@@ -213,6 +226,7 @@ class Chat:
         pictures = self._pictures(history[first:])
         reuse = self._reuse_cache(ids, [key for key, _ in pictures])
         new_ids = ids[reuse:]
+        draft = self._draft(ids)
         features = self._image_features(pictures[self._image_blocks(ids[:reuse]):])
         self.last_prefill_tokens = len(new_ids)
         if first > self.first_turn:
@@ -223,19 +237,22 @@ class Chat:
         chunk = None
         stop_token = None
         self._streaming = True
+        chunks = stream_tokens(self.model, new_ids, settings, cache=self._cache,
+                               should_stop=should_stop, image_features=features,
+                               context_limit=self.context_limit, draft=draft)
         try:
-            for chunk in stream_tokens(self.model, new_ids, settings, cache=self._cache,
-                                       should_stop=should_stop, image_features=features,
-                                       context_limit=self.context_limit):
+            for chunk in chunks:
                 tokens = chunk.tokens
                 if chunk.finish_reason == "stop":
                     stop_token = chunk.token
                 yield chunk
         except GeneratorExit:  # the caller stopped reading: a clean stop between tokens
+            chunks.close()  # first: a draft then rolls the caches back to the tokens read
             self._finish(history, first, ids, tokens, "cancelled", keep_partial)
             raise
         except BaseException:
             self._cache, self._cached_ids = None, []  # a half-run step: rebuild next turn
+            self._draft_cache, self._draft_ids = None, []
             if tokens:
                 self._finish(history, first, ids, tokens, "cancelled", keep_partial,
                              cache_valid=False)
@@ -252,6 +269,8 @@ class Chat:
         if cache_valid and self._cache is not None:
             fed = ids + tokens + ([stop_token] if stop_token is not None else [])
             self._cached_ids = fed[:cache_offset(self._cache)]
+            if self._draft_cache is not None:
+                self._draft_ids = fed[:cache_offset(self._draft_cache)]
         if stopped and not keep_partial:
             return  # the conversation stays as it was before this turn
         text = self.model.tokenizer.decode(tokens)
@@ -302,6 +321,28 @@ class Chat:
                 self._cache, common = self.model.make_cache(self.kv_bits), 0
         self._cached_ids, self._cached_pictures = ids[:common], list(pictures)
         return common
+
+    def _draft(self, ids: list[int]) -> Draft | None:
+        """The draft model's part of this turn: its cache, trimmed to the longest prefix of
+        `ids` it holds (or fresh where it cannot be trimmed), and the ids it has yet to read.
+        It sees no pictures, so the ids are all there is to compare."""
+        if self.draft_model is None:
+            return None
+        if self._draft_cache is None:
+            self._draft_cache, self._draft_ids = self.draft_model.make_cache(), []
+        common = 0
+        for a, b in zip(self._draft_ids, ids, strict=False):
+            if a != b:
+                break
+            common += 1
+        excess = len(self._draft_ids) - common
+        if excess > 0:
+            if can_trim_prompt_cache(self._draft_cache):
+                trim_prompt_cache(self._draft_cache, excess)
+            else:
+                self._draft_cache, common = self.draft_model.make_cache(), 0
+        self._draft_ids = ids[:common]
+        return Draft(self.draft_model, self._draft_cache, ids[common:], self.num_draft_tokens)
 
     # ---- tokens and images -------------------------------------------------------------
 
@@ -465,22 +506,30 @@ def prompt_ids(model: Model, prompt: str, system: str | None = None,
 def stream(model: Model, prompt: str, *, system: str | None = None, raw: bool | None = None,
            images: Sequence[ImageSource] = (), pan_and_scan: bool = False,
            max_context: int | None = None, kv_bits: int | None = None,
+           draft_model: Model | None = None, num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS,
            should_stop: Callable[[], bool] = lambda: False, **sampling: Any) -> Iterator[Chunk]:
     """Stream the reply to one message (with images, if any): chunks with text, token and
-    running stats. `max_context` and `kv_bits` bound the KV cache as in `Chat`."""
+    running stats. `max_context` and `kv_bits` bound the KV cache, and `draft_model` drafts
+    for speculative decoding, as in `Chat`."""
     settings = SamplingSettings(**sampling)
     settings.validate()
     limit = context_limit(model, max_context)
+    if draft_model is not None:
+        check_draft(model, draft_model)
+    check_num_draft_tokens(num_draft_tokens)
     if images:
         if raw:
             raise BadRequest("--raw completes plain text: images need the chat template")
         chat = Chat(model, system=system, pan_and_scan=pan_and_scan, max_context=max_context,
-                    kv_bits=kv_bits, **sampling)
+                    kv_bits=kv_bits, draft_model=draft_model,
+                    num_draft_tokens=num_draft_tokens, **sampling)
         yield from chat.stream(prompt, images, should_stop=should_stop)
         return
     ids = prompt_ids(model, prompt, system, raw)
+    draft = Draft(draft_model, prompt=ids, num_draft_tokens=num_draft_tokens) \
+        if draft_model is not None else None
     yield from stream_tokens(model, ids, settings, cache=model.make_cache(kv_bits),
-                             should_stop=should_stop, context_limit=limit)
+                             should_stop=should_stop, context_limit=limit, draft=draft)
 
 
 def context_limit(model: Model, max_context: int | None) -> int:

@@ -70,6 +70,27 @@ def add_memory_options(parser: argparse.ArgumentParser) -> None:
                              "of its memory; default: full precision)")
 
 
+def add_draft_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--draft-model", metavar="MODEL", default=None,
+                        help="speculative decoding: a small Gemma 3 (270m, 1b, a repo id, folder "
+                             "or .gguf) drafts tokens that the model checks, several at a time; "
+                             "the replies stay the model's own")
+    parser.add_argument("--num-draft-tokens", type=int, default=None, metavar="N",
+                        help="tokens drafted per step with --draft-model (default: 3)")
+
+
+def draft_options(args: argparse.Namespace) -> dict:
+    """The library's draft options from the command line, checked before any loading."""
+    from .speculative import check_num_draft_tokens
+
+    if args.num_draft_tokens is None:
+        return {}
+    if args.draft_model is None:
+        raise BadRequest("--num-draft-tokens needs --draft-model")
+    check_num_draft_tokens(args.num_draft_tokens)
+    return {"num_draft_tokens": args.num_draft_tokens}
+
+
 def check_max_context(max_context: int | None) -> None:
     if max_context is not None and max_context < 64:
         raise BadRequest(f"--max-context must be at least 64 tokens (got {max_context})")
@@ -93,11 +114,13 @@ def oneshot_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pan-and-scan", action="store_true",
                         help="also show the model crops of large or non-square images")
     add_memory_options(parser)
+    add_draft_options(parser)
     parser.add_argument("--raw", action="store_true",
                         help="complete the prompt as plain text, without the chat template "
                              "(automatic for base models, which have none)")
     parser.add_argument("--verbose", "-v", action="store_true",
-                        help="print speed, time to first token and peak memory on stderr")
+                        help="print speed, time to first token and peak memory (and the draft's "
+                             "acceptance rate) on stderr")
     return parser
 
 
@@ -113,13 +136,18 @@ def oneshot_command(argv: list[str]) -> int:
 
     SamplingSettings(**sampling).validate()  # before the (slow) load
     check_max_context(args.max_context)
+    drafting = draft_options(args)
     model = load(args.model, mmproj=args.mmproj)
+    if args.draft_model is not None:
+        from .speculative import load_draft
+
+        drafting["draft_model"] = load_draft(args.draft_model, model)
     raw = True if args.raw else None
     explain_raw = raw is None and not model.has_chat_template and not args.image
     stats = None
     extra = {"images": args.image, "pan_and_scan": args.pan_and_scan} if args.image else {}
     for chunk in stream(model, prompt, system=args.system, raw=raw, max_context=args.max_context,
-                        kv_bits=args.kv_bits, **extra, **sampling):
+                        kv_bits=args.kv_bits, **drafting, **extra, **sampling):
         if explain_raw:  # once the prompt is accepted: an error stays a single line
             print(f"note: {model.name} has no chat template (a base model), so the prompt is "
                   "completed as plain text, as with --raw", file=sys.stderr)
@@ -169,6 +197,7 @@ def chat_command(argv: list[str]) -> int:
     add_model_option(parser)
     add_sampling_options(parser)
     add_memory_options(parser)
+    add_draft_options(parser)
     parser.add_argument("--load", metavar="CHAT.json", help="open a chat saved with /save")
     # Options not given keep the saved chat's settings (with --load) or Gemma's defaults.
     parser.set_defaults(max_tokens=None, temp=None, top_p=None, top_k=None, min_p=None)
@@ -178,6 +207,9 @@ def chat_command(argv: list[str]) -> int:
 
     SamplingSettings(**sampling).validate()  # before the (slow) load
     check_max_context(args.max_context)
+    drafting = draft_options(args)
+    if args.draft_model is not None:
+        drafting["draft_model"] = args.draft_model  # loaded (and checked) by the app
     if args.load and not Path(args.load).expanduser().is_file():
         raise BadRequest(f"no saved chat at {args.load}: check the path")
     from tui.app import run
@@ -192,7 +224,8 @@ def chat_command(argv: list[str]) -> int:
         check_mmproj(args.model, args.mmproj)
         options["loader"] = partial(load, mmproj=args.mmproj)
     return run(args.model, system=args.system, load_path=args.load,
-               max_context=args.max_context, kv_bits=args.kv_bits, sampling=sampling, **options)
+               max_context=args.max_context, kv_bits=args.kv_bits, sampling=sampling,
+               **drafting, **options)
 
 
 def bench_command(argv: list[str]) -> int:

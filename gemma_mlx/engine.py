@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import mlx.core as mx
 from mlx_lm.generate import wired_limit
@@ -60,6 +62,8 @@ class Stats:
     generated_tokens: int = 0
     decode_seconds: float = 0.0
     peak_memory: int = 0
+    drafted_tokens: int = 0  # speculative decoding: tokens the draft model proposed
+    accepted_tokens: int = 0  # ... and those of them the model accepted
 
     @property
     def time_to_first_token(self) -> float:
@@ -75,10 +79,17 @@ class Stats:
         n = self.generated_tokens - 1
         return n / self.decode_seconds if n > 0 and self.decode_seconds else 0.0
 
+    @property
+    def acceptance_rate(self) -> float:
+        """The share of drafted tokens accepted (0 without a draft model)."""
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+
     def summary(self) -> str:
+        draft = (f", draft acceptance {self.acceptance_rate:.0%} ({self.accepted_tokens}/"
+                 f"{self.drafted_tokens})" if self.drafted_tokens else "")
         return (f"prompt {self.prompt_tokens} tok at {self.prompt_tps:.1f} tok/s, "
                 f"first token {self.time_to_first_token:.2f} s, decode "
-                f"{self.generated_tokens} tok at {self.decode_tps:.1f} tok/s, "
+                f"{self.generated_tokens} tok at {self.decode_tps:.1f} tok/s{draft}, "
                 f"peak memory {self.peak_memory / 2**30:.2f} GB")
 
 
@@ -199,9 +210,10 @@ def stream_tokens(model: Model, prompt: Sequence[int], settings: SamplingSetting
                   cache: list | None = None,
                   should_stop: Callable[[], bool] = lambda: False,
                   image_features: mx.array | None = None,
-                  context_limit: int | None = None) -> Iterator[Chunk]:
+                  context_limit: int | None = None, draft: Any = None) -> Iterator[Chunk]:
     """Generate from prompt ids (the tokens after those already in `cache`), yielding text
-    chunks; stops at <end_of_turn> / <eos>, at max_tokens or at the context limit."""
+    chunks; stops at <end_of_turn> / <eos>, at max_tokens or at the context limit. With a
+    `speculative.Draft`, its draft model proposes tokens that the model checks."""
     settings.validate()
     if len(prompt) == 0:
         raise BadRequest("the prompt is empty: give some text to complete")
@@ -220,11 +232,13 @@ def stream_tokens(model: Model, prompt: Sequence[int], settings: SamplingSetting
     tokens: list[int] = []
     finish, stop_token = "length", None
     # On Metal, keep the weights wired while generating, as mlx-lm does (a no-op elsewhere).
-    with wired_limit(model.net):
+    generate = draft.tokens if draft is not None else generate_tokens
+    ids = generate(model, prompt, cache, settings, stats, image_features=image_features)
+    # Closed on leaving the loop (a draft then rolls both caches back to the tokens read).
+    with wired_limit(model.net), closing(ids):
         # should_stop is asked once per token, here (asking twice could see it change between
         # the two and end the reply as "length" instead of "cancelled").
-        for token in generate_tokens(model, prompt, cache, settings, stats,
-                                     image_features=image_features):
+        for token in ids:
             if token in stop_ids:
                 finish, stop_token = "stop", token
                 break

@@ -189,6 +189,7 @@ class ChatApp(App[int]):
     def __init__(self, model: str | Model = "4b", *, system: str | None = None,
                  load_path: str | None = None, max_context: int | None = None,
                  kv_bits: int | None = None, sampling: dict[str, Any] | None = None,
+                 draft_model: str | Model | None = None, num_draft_tokens: int | None = None,
                  graphics: str = "auto",
                  show_timings: bool = True, loader: Callable[..., Model] = gemma_mlx.load):
         super().__init__()
@@ -198,6 +199,8 @@ class ChatApp(App[int]):
         self.load_path = load_path
         self.max_context = max_context
         self.kv_bits = kv_bits
+        self.draft_model = draft_model  # a name is loaded after the model, in the same worker
+        self.num_draft_tokens = num_draft_tokens
         self.sampling = dict(sampling or {})
         self.graphics = graphics
         self.show_timings = show_timings
@@ -233,7 +236,7 @@ class ChatApp(App[int]):
         composer = self.query_one(Composer)
         composer.cursor_blink = self.show_timings  # no blinking in screenshots
         composer.focus()
-        if self.model is None:
+        if self.model is None or isinstance(self.draft_model, str):
             await self.query_one(Conversation).mount(LoadingPanel(self.model_name, id="loading"))
             self.update_status()
             self.load_model()
@@ -245,7 +248,11 @@ class ChatApp(App[int]):
     @work(thread=True, group="load")
     def load_model(self) -> None:
         try:
-            model = self.loader(self.model_name, progress=progress_class(self.post_message))
+            model = self.model or self.loader(self.model_name,
+                                              progress=progress_class(self.post_message))
+            if isinstance(self.draft_model, str):  # checked against the model as it loads
+                self.draft_model = gemma_mlx.load_draft(
+                    self.draft_model, model, progress=progress_class(self.post_message))
         except GemmaError as e:
             self.post_message(LoadFailed(str(e)))
         except (OSError, MemoryError) as e:
@@ -279,6 +286,7 @@ class ChatApp(App[int]):
                 self.chat = Chat(model, system=self.system, **self._chat_options())
         except GemmaError as e:
             self.report(e)
+            self.draft_model = None  # if it was the draft that did not fit: go on without it
             self.chat = Chat(model, system=self.system, **self._chat_options())
         await self.show_conversation()
 
@@ -288,6 +296,10 @@ class ChatApp(App[int]):
             options["max_context"] = self.max_context
         if self.kv_bits is not None:
             options["kv_bits"] = self.kv_bits
+        if isinstance(self.draft_model, Model):
+            options["draft_model"] = self.draft_model
+            if self.num_draft_tokens is not None:
+                options["num_draft_tokens"] = self.num_draft_tokens
         return options
 
     # ---- the conversation view -----------------------------------------------------------
@@ -321,6 +333,8 @@ class ChatApp(App[int]):
             info.context_limit = self.chat.context_limit
             if self.chat.kv_bits:
                 info.model += f", KV {self.chat.kv_bits}-bit"
+            if self.chat.draft_model is not None:
+                info.model += f", draft {self.chat.draft_model.name}"
             info.tokens_used = self.tokens_used + (streaming.generated_tokens if streaming else 0)
         info.stats = streaming or self.last_stats
         info.streaming = streaming is not None
