@@ -1,25 +1,59 @@
 #!/usr/bin/env bash
 # The GPU runs behind benchmarks/RESULTS.md. MLX's CUDA backend must be importable first
 # (on the lent H100: /work/shared/gpu/README.md). Writes JSON and a log under $OUT.
+# SCRIPTS picks the parts (default: all), e.g. SCRIPTS="memory ttft context":
+#   levers    benchmarks/decode_levers.py (4B)                          several minutes
+#   bench     python -m gemma_mlx bench --compare mlx-lm, per SHAPES    several minutes
+#   batching  decode levers under MLX's CUDA command-batching settings  a few minutes
+#   memory    benchmarks/conversation_memory.py: 4B chat grown to 8K tokens, peak memory per
+#             turn vs weights + KV; again with small CUDA command buffers   ~1 minute
+#   ttft      benchmarks/followup_ttft.py: follow-up TTFT per turn to 8K, with cache reuse
+#             vs re-prefilling the conversation (ours, mlx-lm)          ~2 minutes
+#   context   benchmarks/decode_vs_context.py: decode tok/s at CONTEXTS, ours vs mlx-lm
+#                                                                       ~2 minutes
 set -u
 export PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/gemma-bench}
 mkdir -p "$out"
+scripts=" ${SCRIPTS:-levers bench batching memory ttft context} "
+want() { [[ $scripts == *" $1 "* ]]; }
 {
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import mlx.core as mx; print(mx.default_device(), mx.__version__)"
+if want levers; then
 python3 benchmarks/decode_levers.py --shape 4b --rounds 3 --chunks "${CHUNKS-512,1024,2048,4096}" \
   --json "$out/levers_4b.json"
+fi
+if want bench; then
 for shape in ${SHAPES:-1b 4b}; do
   python3 -m gemma_mlx bench --random "$shape" --prompt-tokens 512,4096 --gen-tokens 128 \
     --repeats "${REPEATS:-3}" --compare mlx-lm --json >"$out/bench_$shape.json"
   python3 -c "import json, sys; from gemma_mlx.bench import table
 print(table(json.load(open(sys.argv[1]))))" "$out/bench_$shape.json"
 done
+fi
 # MLX's CUDA command batching, read once per process (H100 defaults: 30 ops, 400 MB)
+if want batching; then
 for ops_mb in ${BATCHING-100,2000 200,4000}; do
   MLX_MAX_OPS_PER_BUFFER=${ops_mb%,*} MLX_MAX_MB_PER_BUFFER=${ops_mb#*,} \
     python3 benchmarks/decode_levers.py --shape 4b --variants compiled,mlx-lm --chunks "" \
     --rounds 3 --no-check --json "$out/levers_4b_ops${ops_mb%,*}.json"
 done
+fi
+if want memory; then
+  python3 benchmarks/conversation_memory.py --shape 4b --context 8192 \
+    --json "$out/conversation_memory_4b.json"
+  # Buffers a CUDA command buffer's ops keep until it completes count in the peak: smaller ones
+  MLX_MAX_OPS_PER_BUFFER=10 MLX_MAX_MB_PER_BUFFER=50 python3 benchmarks/conversation_memory.py \
+    --shape 4b --context 8192 --json "$out/conversation_memory_4b_smallbuffers.json"
+fi
+if want ttft; then
+  python3 benchmarks/followup_ttft.py --shape 4b --context 8192 --repeats 3 \
+    --json "$out/followup_ttft_4b.json"
+fi
+if want context; then
+  python3 benchmarks/decode_vs_context.py --shape 4b \
+    --contexts "${CONTEXTS-512,2048,8192,16384,32768}" --gen-tokens 128 --repeats 2 \
+    --json "$out/decode_vs_context_4b.json"
+fi
 } 2>&1 | tee "$out/run.log"

@@ -1,0 +1,94 @@
+"""The conversation and context benchmark scripts (benchmarks/) run end to end on the tiny random
+shape in seconds and report every figure (no timings asserted: they depend on the machine)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture
+def scripts(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return importlib.import_module
+
+
+def test_word_tokenizer_keeps_gemma_special_ids_and_round_trips(scripts):
+    WordTokenizer = scripts("growing_chat").WordTokenizer
+    text = "<start_of_turn>user\nhello there world<end_of_turn>\n"
+    tok = WordTokenizer(262_144)
+    ids = tok.encode(text)
+    assert ids[0] == 105 and ids[-2] == 106 and len(ids) == 7
+    assert all(1000 <= i < 262_144 for i in ids if i not in (105, 106))
+    assert tok.decode(ids) == text
+    assert ids == WordTokenizer(262_144).encode(text)  # stable across instances
+    assert all(i in (105, 106) or 256 <= i < 1024 for i in WordTokenizer(1024).encode(text))
+
+
+def test_conversation_memory_grows_a_chat_reusing_its_cache(scripts, tmp_path):
+    out = tmp_path / "memory.json"
+    report = scripts("conversation_memory").main(
+        ["--shape", "tiny", "--context", "400", "--user-tokens", "60", "--reply-tokens", "8",
+         "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    turns = report["turns"]
+    assert len(turns) >= 4 and turns[-1]["last"]
+    contexts = [t["context_tokens"] for t in turns]
+    assert contexts == sorted(contexts) and 300 < contexts[-1] <= 400
+    for t in turns[1:]:  # follow-ups prefill only their own tokens
+        assert t["prefilled_tokens"] < 80 < t["prompt_tokens"]
+    for t in turns:
+        for key in ("peak_memory_bytes", "weights_bytes", "kv_cache_bytes", "kv_used_bytes",
+                    "active_memory_bytes", "ttft_s"):
+            assert t[key] > 0, key
+        assert t["kv_used_bytes"] <= t["kv_cache_bytes"]
+        assert t["peak_ratio"] == pytest.approx(
+            t["peak_memory_bytes"] / (t["weights_bytes"] + t["kv_cache_bytes"]))
+    assert report["summary"]["context_tokens"] == contexts[-1]
+
+
+def test_followup_ttft_times_reuse_and_fresh_prefill(scripts, tmp_path):
+    report = scripts("followup_ttft").main(
+        ["--shape", "tiny", "--context", "300", "--user-tokens", "50", "--reply-tokens", "8",
+         "--repeats", "2", "--fresh-every", "2", "--json", str(tmp_path / "ttft.json")])
+    points = report["points"]
+    assert len(points) >= 3 and report["peer"] == "mlx-lm"
+    for i, p in enumerate(points):
+        assert len(p["reuse"]["runs"]["ttft_s"]) == 2 and p["reuse"]["ttft_s"] > 0
+        timed = i % 2 == 0 or i == len(points) - 1
+        for name in ("fresh_ours", "fresh_mlx_lm"):
+            assert (p[name] is not None) == timed
+            if timed:
+                assert p[name]["ttft_s"] > 0 and len(p[name]["runs"]) == 2
+    assert report["summary"]["last"]["prompt_tokens"] == points[-1]["prompt_tokens"]
+
+
+def test_decode_vs_context_reports_both_implementations(scripts, tmp_path):
+    report = scripts("decode_vs_context").main(
+        ["--shape", "tiny", "--contexts", "16,64", "--gen-tokens", "4", "--repeats", "1",
+         "--json", str(tmp_path / "context.json")])
+    assert [e["prompt_tokens"] for e in report["results"]] == [16, 64]
+    for e in report["results"]:
+        assert e["ours"]["decode_tps"] > 0 and e["peer"]["decode_tps"] > 0
+
+
+def test_plot_draws_each_kind(scripts, tmp_path):
+    pytest.importorskip("matplotlib")
+    sources = []
+    for name, argv in (("conversation_memory", ["--context", "200", "--user-tokens", "40"]),
+                       ("followup_ttft", ["--context", "200", "--user-tokens", "40",
+                                          "--repeats", "1"]),
+                       ("decode_vs_context", ["--contexts", "16,32", "--gen-tokens", "3",
+                                              "--repeats", "1"])):
+        path = tmp_path / f"{name}.json"
+        extra = [] if name == "decode_vs_context" else ["--reply-tokens", "4"]
+        scripts(name).main(["--shape", "tiny", *argv, *extra, "--json", str(path)])
+        sources.append(str(path))
+    scripts("plot").main(sources)
+    for source in sources:
+        assert Path(source).with_suffix(".png").stat().st_size > 1000
