@@ -11,6 +11,11 @@
 #             vs re-prefilling the conversation (ours, mlx-lm)          ~2 minutes
 #   context   benchmarks/decode_vs_context.py: decode tok/s at CONTEXTS, ours vs mlx-lm
 #                                                                       ~2 minutes
+#   image     bench --image --compare mlx-vlm (4B with a random So400m tower), and the same
+#             prompts without the image                                  a few minutes
+#   kv        bench --kv-bits 8 at 32K and 128K (131000: room for the reply in the window),
+#             --kv-bits 4 and --max-context 32768 at 128K,
+#             each beside the full cache                                 several minutes
 set -u
 export PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/gemma-bench}
@@ -55,5 +60,21 @@ if want context; then
   python3 benchmarks/decode_vs_context.py --shape 4b \
     --contexts "${CONTEXTS-512,2048,8192,16384,32768}" --gen-tokens 128 --repeats 2 \
     --json "$out/decode_vs_context_4b.json"
+fi
+show() { python3 -c "import json, sys; from gemma_mlx.bench import table
+print(table(json.load(open(sys.argv[1]))))" "$1"; }
+if want image; then
+  for image in --image ""; do
+    name=bench_4b_mlx_vlm${image:+_image}
+    python3 -m gemma_mlx bench --random 4b $image --compare mlx-vlm --prompt-tokens 512,4096 \
+      --gen-tokens 64 --repeats "${REPEATS:-3}" --json >"$out/$name.json" && show "$out/$name.json"
+  done
+fi
+if want kv; then
+  for bound in "--kv-bits 8:32768,131000" "--kv-bits 4:131000" "--max-context 32768:131000"; do
+    name=bench_4b_$(echo "${bound%:*}" | tr -d ' -')
+    python3 -m gemma_mlx bench --random 4b ${bound%:*} --prompt-tokens "${bound#*:}" \
+      --gen-tokens 32 --repeats 1 --json >"$out/$name.json" && show "$out/$name.json"
+  done
 fi
 } 2>&1 | tee "$out/run.log"
