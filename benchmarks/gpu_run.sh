@@ -6,7 +6,8 @@
 #   bench     python -m gemma_mlx bench --compare mlx-lm, per SHAPES    several minutes
 #   batching  decode levers under MLX's CUDA command-batching settings  a few minutes
 #   memory    benchmarks/conversation_memory.py: 4B chat grown to 8K tokens, peak memory per
-#             turn vs weights + KV; again with small CUDA command buffers   ~1 minute
+#             turn vs weights + KV; again with small CUDA command buffers, and with
+#             1024-token messages                                      ~1-2 minutes
 #   ttft      benchmarks/followup_ttft.py: follow-up TTFT per turn to 8K, with cache reuse
 #             vs re-prefilling the conversation (ours, mlx-lm)          ~2 minutes
 #   context   benchmarks/decode_vs_context.py: decode tok/s at CONTEXTS, ours vs mlx-lm
@@ -51,6 +52,9 @@ if want memory; then
   # Buffers a CUDA command buffer's ops keep until it completes count in the peak: smaller ones
   MLX_MAX_OPS_PER_BUFFER=10 MLX_MAX_MB_PER_BUFFER=50 python3 benchmarks/conversation_memory.py \
     --shape 4b --context 8192 --json "$out/conversation_memory_4b_smallbuffers.json"
+  # Longer messages: prefill activations grow with the new tokens (times the context)
+  python3 benchmarks/conversation_memory.py --shape 4b --context 8192 --user-tokens 1024 \
+    --json "$out/conversation_memory_4b_user1024.json"
 fi
 if want ttft; then
   python3 benchmarks/followup_ttft.py --shape 4b --context 8192 --repeats 3 \
