@@ -24,6 +24,14 @@ do (a quantized cache for the global layers; only the newest N tokens of a longe
 engine with the whole full-precision cache ("gemma-mlx full KV"), so the ratios say what the
 bound saves, e.g. `--random 4b --prompt-tokens 32768,131072 --kv-bits 8`.
 
+`--draft-model NAME`: speculative decoding. The peer is then our own engine drafting with
+that model (`--num-draft-tokens` at a time, default 3), on the same prompts and caches as the
+plain run it is interleaved with; the report adds each prompt length's acceptance rate and the
+decode speed-up over plain decoding. With `--random`, NAME is a shape too (random weights:
+expect next to no drafts accepted, which measures the mechanism's cost); the model's own name
+or shape drafts with the model itself (every greedy draft accepted: the ceiling). With
+`--model`, any model the other commands take (a real draft: real acceptance).
+
 Both sides are timed the same way, from outside their token generators: the time to first
 token runs from the call until the first token id is on the host (prefill plus one sampled
 token); prefill tok/s is prompt tokens over that time; decode tok/s is the tokens after the
@@ -46,8 +54,10 @@ JSON output (`--json`), one object:
     repeats          runs per implementation and prompt length (figures are medians)
     kv_bits          our KV cache bits (--kv-bits), or null for full precision
     max_context      our context bound (--max-context), or null
-    peer             the implementation compared against ("mlx-lm", "mlx-vlm" or, with a
-                     bound and no --compare, "gemma-mlx full KV"), or null
+    peer             the implementation compared against ("mlx-lm", "mlx-vlm", with a bound
+                     and no --compare "gemma-mlx full KV", with --draft-model "speculative"),
+                     or null
+    draft            with --draft-model: {model (its description), num_draft_tokens}; else null
     results          one entry per prompt length:
       prompt_tokens  prompt length
       ours, peer     figures (peer is null without --compare):
@@ -64,6 +74,11 @@ JSON output (`--json`), one object:
       ratio          ours / peer for prefill_tps, decode_tps, ttft_s, peak_memory_bytes and
                      kv_cache_bytes (above 1 is better for the speeds, below 1 for time and
                      memory); or null
+      speculative    with --draft-model (else null), over the repeats of this prompt length:
+        acceptance_rate   accepted_tokens / drafted_tokens
+        drafted_tokens    tokens the draft model proposed
+        accepted_tokens   of those, the tokens the model accepted
+        speedup           decode_tps speculative (peer) / plain (ours); above 1 is faster
 """
 
 from __future__ import annotations
@@ -86,6 +101,13 @@ from .engine import SamplingSettings, Stats, generate_tokens
 from .errors import BadImage, BadRequest
 from .loading import Model, QuantizeSpec, compute_dtype, quantize_text_decoder
 from .model.gemma3 import Gemma3
+from .speculative import (
+    DEFAULT_NUM_DRAFT_TOKENS,
+    Draft,
+    check_draft,
+    check_num_draft_tokens,
+    load_draft,
+)
 
 # hidden, MLP, layers, heads, kv heads, head_dim, q scale, window, vocab, context, RoPE factor
 # (REFERENCE.md). "tiny" is for tests: seconds on any machine.
@@ -335,6 +357,41 @@ class Ours(Implementation):
                                image_features=features, compiled=self.compiled)
 
 
+class Speculative(Ours):
+    """Our engine drafting with a draft model; keeps each run's Stats (acceptance figures)."""
+
+    def __init__(self, model: Model, draft: Model, num_draft_tokens: int, compiled: bool = True,
+                 kv_bits: int | None = None, max_context: int | None = None):
+        super().__init__(model, compiled, kv_bits, max_context, name="speculative")
+        self.draft = draft
+        self.num_draft_tokens = num_draft_tokens
+        self.stats: list[Stats] = []  # every run's, warm-up first
+
+    def tokens(self, prompt: list[int], max_tokens: int, pixel_values: mx.array | None = None):
+        features = None
+        if pixel_values is not None:
+            features = self.model.net.encode_images(pixel_values)
+            mx.eval(features)
+        settings = SamplingSettings(temp=0.0, max_tokens=max_tokens)
+        self.cache = self.model.make_cache(self.kv_bits)
+        self.stats.append(Stats())
+        draft = Draft(self.draft, prompt=prompt, num_draft_tokens=self.num_draft_tokens)
+        return draft.tokens(self.model, prompt, self.cache, settings, self.stats[-1],
+                            image_features=features, compiled=self.compiled)
+
+    def figures(self, results: list[dict], repeats: int) -> None:
+        """Each result's `speculative` entry, from the runs after the warm-up, in order."""
+        for i, entry in enumerate(results):
+            runs = self.stats[1 + i * repeats:1 + (i + 1) * repeats]
+            drafted = sum(s.drafted_tokens for s in runs)
+            accepted = sum(s.accepted_tokens for s in runs)
+            plain = entry["ours"]["decode_tps"]
+            entry["speculative"] = {
+                "acceptance_rate": accepted / drafted if drafted else 0.0,
+                "drafted_tokens": drafted, "accepted_tokens": accepted,
+                "speedup": entry["peer"]["decode_tps"] / plain if plain else 0.0}
+
+
 class MlxLm(Implementation):
     name = "mlx-lm"
 
@@ -471,6 +528,12 @@ def table(report: dict) -> str:
                 else "")]
     for r in [head, *rows]:
         lines.append("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
+    for entry in report["results"]:
+        spec = entry.get("speculative")
+        if spec:
+            lines.append(f"prompt {entry['prompt_tokens']}: draft {report['draft']['model']} "
+                         f"accepted {spec['acceptance_rate']:.0%} of {spec['drafted_tokens']} "
+                         f"drafted tokens, decode speed-up {spec['speedup']:.2f}x")
     return "\n".join(lines)
 
 
@@ -501,6 +564,11 @@ def parser() -> argparse.ArgumentParser:
                    help="we keep only this many tokens of longer prompts (as a conversation "
                         "drops its oldest turns); without --compare, measured beside the "
                         "whole context")
+    p.add_argument("--draft-model", metavar="NAME", default=None,
+                   help="measure speculative decoding with this draft model beside plain "
+                        "decoding (with --random: a shape, random weights)")
+    p.add_argument("--num-draft-tokens", type=int, default=None, metavar="N",
+                   help="tokens drafted per step with --draft-model (default: 3)")
     p.add_argument("--no-compile", action="store_true",
                    help="decode op by op, as before compiling (to measure what compiling gives)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead")
@@ -527,6 +595,14 @@ def run_bench(argv: list[str], out: Any, err: Any) -> int:
     if args.max_context is not None and (args.max_context < 64 or args.image):
         raise BadRequest("--max-context takes at least 64 tokens, and no --image (the image "
                          "would be the first thing dropped)")
+    if args.draft_model is not None and args.compare is not None:
+        raise BadRequest("--draft-model measures speculative against plain decoding of the same "
+                         "model: leave out --compare")
+    if args.num_draft_tokens is not None and args.draft_model is None:
+        raise BadRequest("--num-draft-tokens needs --draft-model")
+    if args.draft_model is not None and args.random and args.draft_model not in SHAPES:
+        raise BadRequest(f"with --random, --draft-model is a shape too: one of "
+                         f"{', '.join(SHAPES)} (got {args.draft_model})")
     if args.image and args.compare == "mlx-lm":
         raise BadRequest("--image needs --compare mlx-vlm (mlx-lm takes text only)")
     vlm_version = mlx_vlm_version() if args.compare == "mlx-vlm" else None
@@ -567,6 +643,8 @@ def run_bench(argv: list[str], out: Any, err: Any) -> int:
         peer = MlxLm(mlx_lm_peer(model))
     elif args.compare == "mlx-vlm":
         peer = MlxVlm(mlx_vlm_peer(model))
+    elif args.draft_model is not None:  # speculative decoding beside plain (same bounds)
+        peer = speculative_peer(model, args, compiled)
     elif bounded:  # what the bounds save: the same engine with the whole full-precision cache
         peer = Ours(model, compiled, name=FULL_CACHE)
 
@@ -579,6 +657,10 @@ def run_bench(argv: list[str], out: Any, err: Any) -> int:
         ours = Ours(model, compiled, args.kv_bits, args.max_context)
         results = measure(ours, peer, lengths, args.gen_tokens, args.repeats, text.vocab_size,
                           progress, image)
+    for entry in results:
+        entry["speculative"] = None
+    if isinstance(peer, Speculative):
+        peer.figures(results, args.repeats)
     import mlx_lm
 
     report = {
@@ -587,10 +669,26 @@ def run_bench(argv: list[str], out: Any, err: Any) -> int:
         "mlx_vlm": vlm_version, "image": args.image,
         "gen_tokens": args.gen_tokens, "repeats": args.repeats, "compiled": not args.no_compile,
         "kv_bits": args.kv_bits, "max_context": args.max_context,
-        "peer": peer.name if peer else None, "results": results,
+        "peer": peer.name if peer else None,
+        "draft": {"model": peer.draft.description, "num_draft_tokens": peer.num_draft_tokens}
+        if isinstance(peer, Speculative) else None,
+        "results": results,
     }
     print(json.dumps(report) if args.json else table(report), file=out)
     return 0
+
+
+def speculative_peer(model: Model, args: argparse.Namespace, compiled: bool) -> Speculative:
+    """The draft: a random model of that shape (with --random), or loaded; the model's own
+    name or shape is the model itself."""
+    n = DEFAULT_NUM_DRAFT_TOKENS if args.num_draft_tokens is None else args.num_draft_tokens
+    check_num_draft_tokens(n)
+    if args.random:
+        draft = model if args.draft_model == args.random else random_model(args.draft_model)
+        check_draft(model, draft)
+    else:
+        draft = load_draft(args.draft_model, model)
+    return Speculative(model, draft, n, compiled, args.kv_bits, args.max_context)
 
 
 def _size(n: float) -> str:

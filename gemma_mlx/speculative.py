@@ -123,7 +123,7 @@ class Draft:
         decoding, so a conversation can keep them."""
         if settings.seed is not None:
             mx.random.seed(settings.seed)
-        rule = Rule(settings)
+        rule = Rule(settings, model.config.text.vocab_size)
         history = list(prompt)  # for the logits processors (repetition penalty)
         start = time.perf_counter()
         logits = prefill(model, prompt, cache, image_features=image_features)
@@ -131,6 +131,8 @@ class Draft:
         if self.prompt:  # the draft reads the prompt too: its time counts in the first token's
             prefill(self.model, self.readable(self.prompt), self.cache)
         mx.eval(first, [c.state for c in self.cache])
+        # The draft's one-token steps run compiled (made once: checking it is not free).
+        fast = self.model.net.decoder.compiled_decode(self.cache) if compiled else None
         stats.prompt_tokens = len(prompt)
         stats.prompt_seconds = time.perf_counter() - start
         decode_start = time.perf_counter()
@@ -142,7 +144,7 @@ class Draft:
         generated = 1
         while generated < settings.max_tokens:
             k = min(self.num_draft_tokens, settings.max_tokens - generated - 1)
-            drafted, q, checkpoints = self._draft(unread, k, rule, history, compiled)
+            drafted, q, checkpoints = self._draft(unread, k, rule, history, fast)
             verify = mx.array(unread[-1:])
             if k:
                 verify = mx.concatenate([verify, drafted.astype(verify.dtype)])
@@ -170,13 +172,12 @@ class Draft:
                 mx.clear_cache()
 
     def _draft(self, unread: list[int], k: int, rule: Rule, history: list[int],
-               compiled: bool) -> tuple[mx.array | None, mx.array | None, list[Checkpoint]]:
+               fast: Any) -> tuple[mx.array | None, mx.array | None, list[Checkpoint]]:
         """Read the unread tokens and propose k: returns the drafted ids [k], their
         distributions [k, vocab] (None when greedy) and a checkpoint before each draft the
         draft model read (k - 1 of them)."""
         if k == 0:
             return None, None, []
-        fast = self.model.net.decoder.compiled_decode(self.cache) if compiled else None
         ids = mx.array(self.readable(unread))
         tokens, dists, checkpoints = [], [], []
         pending = history[-HISTORY:]  # the processors' view: history, then drafts
@@ -265,7 +266,8 @@ class Checkpoint:
 class Rule:
     """The sampling settings as distributions, for both models, and the acceptance rule."""
 
-    def __init__(self, settings: SamplingSettings):
+    def __init__(self, settings: SamplingSettings, vocab: int | None = None):
+        self.vocab = vocab  # the target's: a draft with more ids never proposes the extra ones
         self.greedy = settings.temp == 0
         self.temp = settings.temp
         self.processors = make_logits_processors(repetition_penalty=settings.repetition_penalty)
@@ -300,6 +302,7 @@ class Rule:
 
     def draw(self, logits: mx.array, history: Sequence) -> tuple[mx.array, mx.array | None]:
         """The draft's token [] and its distribution q [vocab] (None when greedy)."""
+        logits = logits[:self.vocab]
         if self.greedy:
             return mx.argmax(self.logprobs(logits, history) if self.processors else logits), None
         q = self.distribution(self.logprobs(logits, history)[None])[0]

@@ -355,6 +355,15 @@ def test_a_draft_reads_image_soft_tokens_as_pad(model_270m, chatty):
     assert chat.send("What is this?", images=[picture]) == expected
     assert 262144 in chat._draft_ids
     assert Draft(draft).readable([5, 262144, 262207]) == [5, 0, 0]
+    # Sampling with a draft of fewer ids (its q is padded), and the other way round (drafting
+    # stays within the text model's vocabulary).
+    sampled = Chat(model, max_tokens=8, seed=2, draft_model=draft)
+    assert sampled.send("Hi", images=[picture]) and sampled.messages[-1].token_ids
+    text_model, _ = chatty
+    for settings in (dict(temp=0), dict(seed=2)):
+        expected = gemma_mlx.generate(text_model, "Hi", max_tokens=8, **settings)
+        got = gemma_mlx.generate(text_model, "Hi", max_tokens=8, draft_model=model, **settings)
+        assert got == expected or "seed" in settings
 
 
 # ---- bad input ---------------------------------------------------------------------------------
@@ -472,3 +481,46 @@ def test_chat_command_passes_the_draft_options(monkeypatch, capsys):
     assert made == dict(draft="270m", n=2)
     assert main(["chat", "--draft-model", "270m", "--num-draft-tokens", "0"]) == 1
     assert "number of draft tokens must be between 1 and 64 (got 0)" in capsys.readouterr().err
+
+
+# ---- bench -------------------------------------------------------------------------------------
+
+BENCH = ["bench", "--random", "tiny", "--prompt-tokens", "16,40", "--gen-tokens", "12",
+         "--repeats", "2"]
+
+
+def test_bench_reports_acceptance_and_speedup_beside_plain_decoding(capsys):
+    import json
+
+    from gemma_mlx.cli import main
+
+    assert main([*BENCH, "--draft-model", "tiny", "--num-draft-tokens", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["peer"] == "speculative"
+    assert report["draft"] == {"model": "random tiny (4-bit g64)", "num_draft_tokens": 2}
+    for entry in report["results"]:
+        spec = entry["speculative"]
+        assert spec["acceptance_rate"] == 1.0  # the model as its own draft
+        # 12 tokens: 1, then 3 + 3 + 3 (2 drafts each), then 2 (1 draft); two repeats
+        assert spec["drafted_tokens"] == spec["accepted_tokens"] == 2 * (2 + 2 + 2 + 1)
+        assert spec["speedup"] == pytest.approx(
+            entry["peer"]["decode_tps"] / entry["ours"]["decode_tps"])
+        assert entry["peer"]["generated_tokens"] == 12
+    assert main([*BENCH, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["draft"] is None and all(e["speculative"] is None for e in report["results"])
+    assert main([*BENCH, "--draft-model", "tiny", "--repeats", "1"]) == 0
+    assert "draft random tiny (4-bit g64) accepted 100% of" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--draft-model", "tiny", "--compare", "mlx-lm"], "leave out --compare"),
+    (["--draft-model", "7b"], "with --random, --draft-model is a shape too"),
+    (["--num-draft-tokens", "2"], "--num-draft-tokens needs --draft-model"),
+    (["--draft-model", "tiny", "--num-draft-tokens", "0"], "number of draft tokens"),
+])
+def test_bench_draft_options_are_checked(capsys, extra, message):
+    from gemma_mlx.cli import main
+
+    assert main([*BENCH, *extra]) == 1
+    assert message in capsys.readouterr().err
