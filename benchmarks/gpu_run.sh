@@ -17,6 +17,10 @@
 #   kv        bench --kv-bits 8 at 32K and 128K (131000: room for the reply in the window),
 #             --kv-bits 4 and --max-context 32768 at 128K,
 #             each beside the full cache                                 several minutes
+#   speculative  bench --draft-model beside plain decoding, 4B: a random 270M draft (next to
+#             no drafts accepted: what a step costs) and the 4B as its own draft (every
+#             draft accepted), DRAFT_TOKENS 2 3 4 at a time: with the two, the speed-up at
+#             any acceptance rate follows                                ~10 minutes
 set -u
 export PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/gemma-bench}
@@ -79,6 +83,16 @@ if want kv; then
     name=bench_4b_$(echo "${bound%:*}" | tr -d ' -')
     python3 -m gemma_mlx bench --random 4b ${bound%:*} --prompt-tokens "${bound#*:}" \
       --gen-tokens 32 --repeats 1 --json >"$out/$name.json" && show "$out/$name.json"
+  done
+fi
+if want speculative; then
+  for draft in 270m 4b; do
+    for k in ${DRAFT_TOKENS-2 3 4}; do
+      name=bench_4b_draft_${draft}_k$k
+      python3 -m gemma_mlx bench --random 4b --draft-model "$draft" --num-draft-tokens "$k" \
+        --prompt-tokens 512,4096 --gen-tokens 128 --repeats "${REPEATS:-3}" --json \
+        >"$out/$name.json" && show "$out/$name.json"
+    done
   done
 fi
 } 2>&1 | tee "$out/run.log"
