@@ -123,7 +123,7 @@ def prefill(model: Model, ids: Sequence[int], cache: list, chunk: int = PREFILL_
         if image_features is not None and n_images:
             features = image_features[images_done:images_done + n_images]
         images_done += n_images
-        h = model.net.hidden(mx.array(ids[start:end])[None], cache, features)
+        h = model.net.hidden(mx.array(ids[start:end])[None], cache, features, eval_layers=True)
         if end == len(ids):
             return model.net.logits(h[:, -1, :])[0]
         mx.eval([c.state for c in cache])

@@ -57,7 +57,7 @@ class Gemma3(nn.Module):
         return self.multi_modal_projector(self.vision_tower(pixel_values))
 
     def hidden(self, ids: mx.array, cache: list | None = None,
-               image_features: mx.array | None = None) -> mx.array:
+               image_features: mx.array | None = None, eval_layers: bool = False) -> mx.array:
         """Final hidden states [B, L, hidden]: the engine takes logits of the last one only."""
         is_image = ids == self.config.image_token_index
         # The image token may lie past the embedding (a GGUF's vocabulary can stop at 262144):
@@ -68,7 +68,7 @@ class Gemma3(nn.Module):
             h = merge_image_features(h, is_image, image_features)
         if ids.shape[1] > 1 and self.config.has_vision and is_image.any().item():
             masks = image_block_masks(is_image[0], cache, self.config.text)
-        return self.decoder(h, cache, masks)
+        return self.decoder(h, cache, masks, eval_layers)
 
     def logits(self, h: mx.array) -> mx.array:
         return self.decoder.logits(h)

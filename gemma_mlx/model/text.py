@@ -125,15 +125,27 @@ class TextDecoder(nn.Module):
         return h * scale.astype(h.dtype)
 
     def __call__(self, h: mx.array, cache: list | None = None,
-                 masks: tuple[Any, Any] | None = None) -> mx.array:
+                 masks: tuple[Any, Any] | None = None, eval_layers: bool = False) -> mx.array:
         """`h` is [B, L, hidden] embeddings (already scaled); `masks` overrides the
-        (global, sliding) masks, which prefill with images needs."""
+        (global, sliding) masks, which prefill with images needs.
+
+        `eval_layers` (prefill) evaluates block by block, one block queued ahead: a GPU command
+        buffer frees its temporaries (attention scores, MLP activations) only when it
+        completes, so a graph of all blocks at once holds every block's temporaries together
+        (a 4B's 4096-token prefill peaked at 10.4 GB, now 3.2 GB), and waiting on each block
+        before building the next would leave the GPU idle in between."""
         cache = cache or [None] * len(self.layers)
         if masks is None:
             masks = self.causal_masks(h, cache)
         global_mask, sliding_mask = masks
+        queued = None
         for i, (layer, c) in enumerate(zip(self.layers, cache, strict=True)):
             h = layer(h, sliding_mask if self.cfg.is_sliding(i) else global_mask, c)
+            if eval_layers:
+                mx.async_eval(h)
+                if queued is not None:
+                    mx.eval(queued)
+                queued = h
         return self.norm(h)
 
     def causal_masks(self, h: mx.array, cache: list) -> tuple[Any, Any]:
