@@ -71,7 +71,7 @@ def test_seeded_sampling_repeats_and_every_option_is_accepted(folder_270m):
 
 
 def test_options_reach_the_sampler(monkeypatch, capsys):
-    """Each sampling option lands in the settings the engine gets."""
+    """Each sampling and memory option lands in what the engine gets."""
     seen = {}
 
     class FakeModel:
@@ -82,14 +82,16 @@ def test_options_reach_the_sampler(monkeypatch, capsys):
         seen.update(sampling, system=system, raw=raw, prompt=prompt)
         return iter(())
 
-    monkeypatch.setattr("gemma_mlx.loading.load", lambda name: FakeModel())
+    monkeypatch.setattr("gemma_mlx.loading.load", lambda name, **options: FakeModel())
     monkeypatch.setattr("gemma_mlx.chat.stream", fake_stream)
     code = cli.main(["hello", "--system", "be brief", "--max-tokens", "5", "--temp", "0.5",
                      "--top-p", "0.8", "--top-k", "10", "--min-p", "0.1",
-                     "--repetition-penalty", "1.3", "--seed", "42"])
+                     "--repetition-penalty", "1.3", "--seed", "42", "--max-context", "512",
+                     "--kv-bits", "8"])
     assert code == 0
     assert seen == dict(prompt="hello", system="be brief", raw=None, max_tokens=5, temp=0.5,
-                        top_p=0.8, top_k=10, min_p=0.1, repetition_penalty=1.3, seed=42)
+                        top_p=0.8, top_k=10, min_p=0.1, repetition_penalty=1.3, seed=42,
+                        max_context=512, kv_bits=8)
 
 
 def test_unknown_model_name():
