@@ -30,7 +30,7 @@ import mlx.core as mx
 
 from gemma_mlx.bench import mlx_lm_peer, prompt_ids, random_model
 from gemma_mlx.engine import prefill
-from gemma_mlx.model.text import CompiledDecode
+from gemma_mlx.model.decode import CompiledDecode
 
 
 class UnfusedDecode(CompiledDecode):

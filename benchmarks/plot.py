@@ -1,6 +1,6 @@
 """Plots of the conversation and context benchmarks, from their JSON (run by hand, locally).
 
-    pip install matplotlib          # not a dependency of gemma-mlx: only this script needs it
+    pip install matplotlib          # in the dev extra; not a runtime dependency of gemma-mlx
     python benchmarks/plot.py                       # the default set, see below
     python benchmarks/plot.py RESULT.json [...]     # each PNG beside its JSON (same name)
     python benchmarks/plot.py RESULT.json --out FILE.png

@@ -149,7 +149,6 @@ def chunk_end(ids: Sequence[int], start: int, chunk: int, image_token: int) -> i
 
 def generate_tokens(model: Model, prompt: Sequence[int], cache: list,
                     settings: SamplingSettings, stats: Stats,
-                    should_stop: Callable[[], bool] = lambda: False,
                     image_features: mx.array | None = None,
                     compiled: bool = True) -> Iterator[int]:
     """Yield sampled token ids. Decode is pipelined: step n+1 is queued with `mx.async_eval`
@@ -192,9 +191,7 @@ def generate_tokens(model: Model, prompt: Sequence[int], cache: list,
             mx.async_eval(next_token)
         stats.generated_tokens = n + 1
         stats.decode_seconds = time.perf_counter() - decode_start
-        yield token.item()
-        if should_stop():
-            return
+        yield token.item()  # the caller stops by no longer reading (or closing the generator)
         if n + 1 < settings.max_tokens:
             token = next_token
         if n % 256 == 255:

@@ -78,7 +78,6 @@ def test_decode_vs_context_reports_both_implementations(scripts, tmp_path):
 
 
 def test_plot_draws_each_kind(scripts, tmp_path):
-    pytest.importorskip("matplotlib")
     sources = []
     for name, argv in (("conversation_memory", ["--context", "200", "--user-tokens", "40"]),
                        ("followup_ttft", ["--context", "200", "--user-tokens", "40",

@@ -15,7 +15,7 @@ from test_text_model import ours_from, reference_model
 
 from gemma_mlx.engine import SamplingSettings, Stats, generate_tokens
 from gemma_mlx.loading import Model
-from gemma_mlx.model import text
+from gemma_mlx.model import decode
 
 CONFIG = {**TINY_TEXT, "vocab_size": 1000}  # sliding window 8, every other layer global
 PROMPT = [2, 5, 7, 9, 11, 300, 400, 500, 600, 700, 800]
@@ -23,30 +23,34 @@ PROMPT = [2, 5, 7, 9, 11, 300, 400, 500, 600, 700, 800]
 
 @pytest.fixture
 def small_capacity_step(monkeypatch):
-    monkeypatch.setattr(text, "DECODE_CAPACITY_STEP", 16)  # grow (and retrace) often
+    monkeypatch.setattr(decode, "DECODE_CAPACITY_STEP", 16)  # grow (and retrace) often
 
 
 def tiny_model() -> Model:
     return Model(ours_from(reference_model(CONFIG), CONFIG), None, Path("tiny"), None)
 
 
-def test_logits_equal_the_plain_step_across_window_and_growth(small_capacity_step):
+@pytest.mark.parametrize("kv_bits", [None, 8, 4])  # full-precision or quantized global caches
+def test_logits_equal_the_plain_step_across_window_and_growth(small_capacity_step, kv_bits):
     net = tiny_model().net
-    plain, fast_cache = net.make_cache(), net.make_cache()
+    plain, fast_cache = net.make_cache(kv_bits), net.make_cache(kv_bits)
     ids = mx.array([PROMPT])
     net(ids, plain)
     net(ids, fast_cache)
     fast = net.decoder.compiled_decode(fast_cache)
     assert fast is not None
     token = mx.array([3])
+    # Quantized attention sums over the whole padded buffer (masked) where the plain step
+    # sums over the tokens so far: another float32 summation order, so a looser bound.
+    tolerance = 1e-4 if kv_bits is None else 1e-3
     for i in range(300):  # the global caches grow 256 -> 304 -> 320: a few traces
         expected = net(token[None], plain)[0, -1]
         got = fast.step(token, fast_cache)
-        assert mx.abs(expected - got).max().item() < 1e-4, i
+        assert mx.abs(expected - got).max().item() < tolerance, i
         token = mx.array([(mx.argmax(expected).item() + 37 * i) % 1000])  # varied input
     assert [c.offset for c in fast_cache] == [c.offset for c in plain]
     more = mx.array([[4, 8, 15, 16, 23, 42]])  # the next chat turn, prefilled on both
-    assert mx.abs(net(more, plain) - net(more, fast_cache)).max().item() < 1e-4
+    assert mx.abs(net(more, plain) - net(more, fast_cache)).max().item() < tolerance
 
 
 def test_greedy_generation_equals_uncompiled(small_capacity_step):
@@ -114,21 +118,3 @@ def test_real_270m_greedy_tokens_equal_uncompiled(model_270m):
                                  compiled=c)) for c in (False, True)]
     assert runs[0] == runs[1] and len(runs[0]) == 16
 
-
-@pytest.mark.parametrize("kv_bits", [8, 4])
-def test_quantized_cache_compiled_step_equals_the_plain_step(small_capacity_step, kv_bits):
-    net = tiny_model().net
-    plain, fast_cache = net.make_cache(kv_bits), net.make_cache(kv_bits)
-    ids = mx.array([PROMPT])
-    net(ids, plain)
-    net(ids, fast_cache)
-    fast = net.decoder.compiled_decode(fast_cache)
-    assert fast is not None
-    token = mx.array([3])
-    for i in range(40):  # the global caches grow past 16 and 32 slots
-        expected = net(token[None], plain)[0, -1]
-        got = fast.step(token, fast_cache)
-        assert mx.abs(expected - got).max().item() < 1e-4, i
-        token = mx.array([(mx.argmax(expected).item() + 37 * i) % 1000])
-    more = mx.array([[4, 8, 15, 16, 23, 42]])  # the next chat turn, prefilled on both
-    assert mx.abs(net(more, plain) - net(more, fast_cache)).max().item() < 1e-4

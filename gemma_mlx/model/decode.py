@@ -1,0 +1,299 @@
+"""Single-token decode as one compiled MLX graph over mlx-lm's caches (`CompiledDecode`).
+
+The text decoder (model/text.py) is the reference: this step computes the same thing for one
+token at a time, with fixed shapes so `mx.compile` can trace it once, and fused projections.
+tests/test_decode.py holds it to the op-by-op model's logits.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.models.base import quantized_scaled_dot_product_attention
+from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
+
+if TYPE_CHECKING:
+    from ..config import TextConfig
+    from .text import RMSNorm, TextDecoder
+
+DECODE_CAPACITY_STEP = 512  # compiled decode grows a global layer's cache by this many slots
+
+
+class CompiledDecode:
+    """Single-token decode as one compiled MLX graph (the gpt-fast approach) over mlx-lm's own
+    cache objects, so prefill, trimming and reuse between chat turns work as before.
+
+    Compiling pays only with fixed shapes. Each global layer's KVCache is given a capacity (a
+    multiple of DECODE_CAPACITY_STEP) and written with `slice_update` at an array offset; each
+    sliding layer's RotatingKVCache is kept as a ring of exactly `window` slots, position p at
+    slot p % window (a layout mlx-lm's rotating cache reads as its own); a QuantizedKVCache
+    (`--kv-bits`) likewise, its packed values, scales and biases written at the offset and
+    read through quantized matmuls. Attention runs over
+    the whole buffer with a mask of the slots written so far, RoPE takes the offset as an
+    array, and the offset stays on the device, so one trace serves every step until a global
+    cache grows. The step takes the token, the offset and the cache buffers and returns the
+    logits, the next offset and the new buffers, which replace the old ones in the caches
+    before anything is evaluated, so MLX writes them in place rather than copying them.
+
+    Fewer, larger kernels: each block's q/k/v projections become one matrix, and gate/up
+    another (their rows concatenated: the same values and quantization groups), and the
+    modules' own weights become row slices of those matrices, which share their memory, so
+    prefill and the parameter tree are as before at no extra memory. The norms' (1 + w)
+    scales are computed once here instead of on every step."""
+
+    def __init__(self, decoder: TextDecoder):
+        self.decoder = decoder
+        self.cfg = decoder.cfg
+        self.qkv = [_fuse_rows([b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj])
+                    for b in decoder.layers]
+        self.gate_up = [_fuse_rows([b.mlp.gate_proj, b.mlp.up_proj]) for b in decoder.layers]
+        mx.eval([[m.parameters() for m, _ in g] for g in self.qkv + self.gate_up])
+        self._weights = _leaf_ids(decoder)  # after fusing: the slices are the weights now
+        eps = self.cfg.rms_norm_eps
+        self.eps = eps
+
+        def scale(norm: RMSNorm) -> mx.array:
+            return 1.0 + norm.weight
+
+        self.scales = [
+            [scale(n) for n in (b.input_layernorm, b.self_attn.q_norm, b.self_attn.k_norm,
+                                b.post_attention_layernorm, b.pre_feedforward_layernorm,
+                                b.post_feedforward_layernorm)]
+            for b in decoder.layers]
+        self.final_scale = scale(decoder.norm)
+        mx.eval(self.scales, self.final_scale)
+        self._fn = mx.compile(self._step)
+        self._offset: mx.array | None = None
+        self._offset_value = -1
+        self._quantized: list[tuple[int, int] | None] = []  # per layer: (group, bits) or None
+
+    @staticmethod
+    def supports(cfg: TextConfig, cache: list) -> bool:
+        if not cache or len(cache) != cfg.num_hidden_layers or cache[0].offset == 0:
+            return False
+        for i, c in enumerate(cache):
+            if cfg.is_sliding(i):
+                ok = (type(c) is RotatingKVCache and c.keep == 0
+                      and c.max_size == cfg.sliding_window)
+            else:
+                ok = type(c) in (KVCache, QuantizedKVCache)
+            if not ok or c.keys is None or _kv_arrays(c)[0].shape[0] != 1 \
+                    or c.offset != cache[0].offset:
+                return False
+        return True
+
+    def current(self) -> bool:
+        """False once the decoder's weights were replaced (the trace holds the old ones)."""
+        return _leaf_ids(self.decoder) == self._weights
+
+    # ---- the caches in the compiled layout ------------------------------------------------
+
+    def prepare(self, cache: list) -> None:
+        for i, c in enumerate(cache):
+            if self.cfg.is_sliding(i):
+                _to_ring(c)
+            else:
+                _reserve(c, c.offset + 1)
+
+    def step(self, token: mx.array, cache: list) -> mx.array:
+        """Feed one token (shape [1]) at the caches' offset; return the logits [vocab]."""
+        offset = cache[0].offset
+        for i, c in enumerate(cache):
+            if not self.cfg.is_sliding(i) and offset + 1 > _kv_arrays(c)[0].shape[2]:
+                _reserve(c, offset + 1)  # a new shape: the step is traced again, rarely
+        if self._offset is None or self._offset_value != offset:
+            self._offset = mx.array(offset, dtype=mx.int32)
+        # Read when tracing; a quantized cache's buffers have other shapes, so another trace.
+        self._quantized = [(c.group_size, c.bits) if isinstance(c, QuantizedKVCache) else None
+                           for c in cache]
+        buffers = [a for c in cache for a in _kv_arrays(c)]
+        logits, self._offset, *new = self._fn(token, self._offset, *buffers)
+        del buffers  # the caches' references go next: the old buffers become donatable
+        self._offset_value = offset + 1
+        start = 0
+        for c in cache:
+            n = len(_kv_arrays(c))
+            _set_kv_arrays(c, new[start:start + n])
+            start += n
+            c.offset += 1
+            if isinstance(c, RotatingKVCache):
+                c._idx = c.offset % c.max_size if c.offset >= c.max_size else c.offset
+        return logits
+
+    # ---- the traced function ----------------------------------------------------------------
+
+    def _step(self, token: mx.array, offset: mx.array, *buffers: mx.array) -> tuple:
+        d, eps, head_dim = self.decoder, self.eps, self.cfg.head_dim
+        h = d.embed(token.reshape(1, 1))
+        masks: dict[int, mx.array] = {}
+        out: list[mx.array] = []
+        for i, layer in enumerate(d.layers):
+            quantized = self._quantized[i]
+            n = 6 if quantized else 2  # keys and values, or their (packed, scales, biases)
+            parts, buffers = buffers[:n], buffers[n:]
+            size = parts[0].shape[2]
+            if size not in masks:  # the slots written so far, this token's included
+                masks[size] = (mx.arange(size) <= offset).reshape(1, 1, 1, size)
+            slot = offset % size if self.cfg.is_sliding(i) else offset
+            s_in, s_q, s_k, s_attn, s_pre, s_post = self.scales[i]
+            attn = layer.self_attn
+            q, k, v = self._project(i, mx.fast.rms_norm(h, s_in, eps))
+            # One position: [1, 1, heads * head_dim] is already [1, heads, 1, head_dim].
+            q = q.reshape(1, attn.n_heads, 1, head_dim)
+            k = k.reshape(1, attn.n_kv_heads, 1, head_dim)
+            v = v.reshape(1, attn.n_kv_heads, 1, head_dim)
+            q = attn.rope(mx.fast.rms_norm(q, s_q, eps), offset=offset)
+            k = attn.rope(mx.fast.rms_norm(k, s_k, eps), offset=offset)
+            start = slot.reshape(1)
+            if quantized is None:
+                keys, values = (mx.slice_update(buffer, x.astype(buffer.dtype), start, axes=(2,))
+                                for buffer, x in zip(parts, (k, v), strict=True))
+                o = mx.fast.scaled_dot_product_attention(q, keys, values, scale=attn.scale,
+                                                         mask=masks[size])
+                out += [keys, values]
+            else:
+                group, bits = quantized
+                new = [mx.slice_update(buffer, x, start, axes=(2,)) for buffer, x in zip(
+                    parts, (*mx.quantize(k.astype(parts[1].dtype), group, bits),
+                            *mx.quantize(v.astype(parts[4].dtype), group, bits)), strict=True)]
+                o = quantized_scaled_dot_product_attention(
+                    q, new[:3], new[3:], scale=attn.scale, mask=masks[size], group_size=group,
+                    bits=bits)
+                out += new
+            h = h + mx.fast.rms_norm(attn.o_proj(o.reshape(1, 1, -1)), s_attn, eps)
+            x = mx.fast.rms_norm(h, s_pre, eps)
+            h = h + mx.fast.rms_norm(self._mlp(i, x), s_post, eps)
+        logits = d.logits(mx.fast.rms_norm(h, self.final_scale, eps))
+        return (logits[0, 0], offset + 1, *out)
+
+    def _project(self, i: int, x: mx.array) -> list[mx.array]:
+        """q, k and v of one block."""
+        return _apply_fused(self.qkv[i], x)
+
+    def _mlp(self, i: int, x: mx.array) -> mx.array:
+        gate, up = _apply_fused(self.gate_up[i], x)
+        return self.decoder.layers[i].mlp.down_proj(nn.gelu_approx(gate) * up)
+
+
+def _apply_fused(groups: list[tuple[nn.Module, list[int]]], x: mx.array) -> list[mx.array]:
+    outs = []
+    for module, rows in groups:
+        y = module(x)
+        start = 0
+        for n in rows:
+            outs.append(y[..., start:start + n] if len(rows) > 1 else y)
+            start += n
+    return outs
+
+
+def _fuse_rows(layers: list[nn.Module]) -> list[tuple[nn.Module, list[int]]]:
+    """The layers as groups [(layer, [output rows of each original])]: neighbours of the same
+    kind and quantization (and no bias) become one layer whose output rows are theirs in
+    order, and their own arrays become row slices of it (views: no copy stays behind).
+    Mixed-precision checkpoints (e.g. 8-bit v_proj beside 5-bit q/k) fuse what matches."""
+
+    def kind(m: nn.Module) -> tuple:
+        return (type(m), getattr(m, "group_size", None), getattr(m, "bits", None),
+                getattr(m, "mode", None), "bias" in m, "biases" in m)
+
+    def fusable(m: nn.Module) -> bool:
+        return type(m) in (nn.Linear, nn.QuantizedLinear) and "bias" not in m
+
+    runs: list[list[nn.Module]] = []
+    for m in layers:
+        if runs and fusable(m) and fusable(runs[-1][0]) and kind(runs[-1][0]) == kind(m):
+            runs[-1].append(m)
+        else:
+            runs.append([m])
+    return [_fuse_run(run) for run in runs]
+
+
+def _fuse_run(run: list[nn.Module]) -> tuple[nn.Module, list[int]]:
+    first = run[0]
+    rows = [m.weight.shape[0] for m in run]
+    if len(run) == 1:
+        return first, rows
+    if isinstance(first, nn.QuantizedLinear):
+        names = ["weight", "scales"] + (["biases"] if "biases" in first else [])
+        in_dims = first.weight.shape[1] * 32 // first.bits
+        fused = nn.QuantizedLinear(in_dims, sum(rows), bias=False, group_size=first.group_size,
+                                   bits=first.bits, mode=first.mode)
+        if "biases" not in first:
+            fused.pop("biases", None)
+    else:
+        names = ["weight"]
+        fused = nn.Linear(first.weight.shape[1], sum(rows), bias=False)
+    for name in names:
+        fused[name] = mx.concatenate([m[name] for m in run])
+    mx.eval(fused.parameters())
+    start = 0
+    for m, n in zip(run, rows, strict=True):
+        for name in names:
+            m[name] = fused[name][start:start + n]
+        start += n
+        mx.eval(m.parameters())
+    return fused, rows
+
+
+def _leaf_ids(module: nn.Module) -> list[int]:
+    return [id(v) for _, v in tree_flatten(module.parameters())]
+
+
+def _kv_arrays(c: Any) -> list[mx.array]:
+    """A cache's buffers, flat: keys then values, each one array or, in a quantized cache,
+    three (packed values, scales, biases)."""
+    if isinstance(c, QuantizedKVCache):
+        return [*c.keys, *c.values]
+    return [c.keys, c.values]
+
+
+def _set_kv_arrays(c: Any, arrays: list[mx.array]) -> None:
+    half = len(arrays) // 2
+    if isinstance(c, QuantizedKVCache):
+        c.keys, c.values = tuple(arrays[:half]), tuple(arrays[half:])
+    else:
+        c.keys, c.values = arrays
+
+
+def _reserve(c: KVCache | QuantizedKVCache, needed: int) -> None:
+    """Grow a global layer's buffers to hold `needed` tokens, in whole DECODE_CAPACITY_STEPs."""
+    arrays = _kv_arrays(c)
+    if needed <= arrays[0].shape[2]:
+        return
+    size = -(-needed // DECODE_CAPACITY_STEP) * DECODE_CAPACITY_STEP
+    _set_kv_arrays(c, [mx.concatenate(
+        [a[..., :c.offset, :], mx.zeros((*a.shape[:2], size - c.offset, a.shape[3]), a.dtype)],
+        axis=2) for a in arrays])
+
+
+def _to_ring(c: RotatingKVCache) -> None:
+    """Lay a RotatingKVCache out as a ring of exactly max_size slots with position p at slot
+    p % max_size, and `_idx` where mlx-lm's own in-place writes would put the next token."""
+    W = c.max_size
+    if c.keys.shape[2] == W and c._idx % W == c.offset % W:
+        return  # already so: the next write goes to slot offset % W
+    n = min(c.offset, W)
+    keys, values = (_temporal_order(c, a)[..., -n:, :] for a in (c.keys, c.values))
+    if c.offset < W:
+        pad = W - n
+        keys = mx.concatenate([keys, mx.zeros((*keys.shape[:2], pad, keys.shape[3]),
+                                              keys.dtype)], axis=2)
+        values = mx.concatenate([values, mx.zeros((*values.shape[:2], pad, values.shape[3]),
+                                                  values.dtype)], axis=2)
+    else:
+        keys = mx.roll(keys, c.offset % W, axis=2)
+        values = mx.roll(values, c.offset % W, axis=2)
+    c.keys, c.values = keys, values
+    c._idx = c.offset % W if c.offset >= W else c.offset
+
+
+def _temporal_order(c: RotatingKVCache, v: mx.array) -> mx.array:
+    """The cached tokens oldest first, as mlx-lm's RotatingKVCache orders them (keep == 0)."""
+    if c._idx == v.shape[2]:
+        return v
+    if c._idx < c.offset:
+        return mx.concatenate([v[..., c._idx:, :], v[..., :c._idx, :]], axis=2)
+    return v[..., :c._idx, :]
