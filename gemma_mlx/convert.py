@@ -7,14 +7,13 @@ import json
 import shutil
 from pathlib import Path
 
-import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .errors import BadRequest
 from .hub import check_mmproj, resolve
 from .loading import QuantizeSpec, checkpoint_key, load_net, read_config
+from .safetensors_out import write_safetensors
 
-SHARD_BYTES = 5 * 2**30
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "added_tokens.json", "chat_template.json",
                    "chat_template.jinja", "generation_config.json", "preprocessor_config.json",
@@ -44,33 +43,9 @@ def convert(source: str, out: str | Path, bits: int = 4, group_size: int = 64,
         config["quantization_config"] = config["quantization"]  # mlx-community writes both
     weights = {checkpoint_key(k, net.config): v for k, v in tree_flatten(net.parameters())}
     out.mkdir(parents=True, exist_ok=True)
-    save_weights(out, weights)
+    write_safetensors(out, ({key: weights[key]} for key in sorted(weights)))
     (out / "config.json").write_text(json.dumps(config, indent=2))
     for name in TOKENIZER_FILES:
         if (src / name).exists():
             shutil.copy(src / name, out / name)
     return out
-
-
-def save_weights(out: Path, weights: dict[str, mx.array]) -> None:
-    """model.safetensors, or shards of at most 5 GB with an index, as mlx-lm writes them."""
-    shards: list[dict[str, mx.array]] = [{}]
-    size = 0
-    for key in sorted(weights):
-        value = weights[key]
-        if size + value.nbytes > SHARD_BYTES and shards[-1]:
-            shards.append({})
-            size = 0
-        shards[-1][key] = value
-        size += value.nbytes
-    if len(shards) == 1:
-        mx.save_safetensors(str(out / "model.safetensors"), shards[0], metadata={"format": "mlx"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        mx.save_safetensors(str(out / name), shard, metadata={"format": "mlx"})
-        weight_map.update({k: name for k in shard})
-    index = {"metadata": {"total_size": sum(v.nbytes for v in weights.values())},
-             "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

@@ -35,6 +35,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
 from .errors import BadCheckpoint
+from .safetensors_out import write_safetensors
 
 Q = GGMLQuantizationType
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
@@ -45,7 +46,6 @@ DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 DEFAULT_DTYPE = "float32"
 GROUP_SIZE = 32  # every exact block format is affine per 32 weights (K-quants per sub-block)
 REQUANT_BITS = 8  # for block formats MLX cannot hold: ~0.5% relative RMS error at group 32
-SHARD_BYTES = 5 << 30  # mlx-lm's shard size
 _CHUNK_WEIGHTS = 1 << 24  # rows are converted in chunks of about this many weights, to bound memory
 
 
@@ -724,26 +724,9 @@ def write_tokenizer(metadata: dict[str, Any], out_dir: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # Writing the folder
 
-def _shards(entries: Iterator[dict[str, mx.array]]) -> Iterator[dict[str, mx.array]]:
-    """Group weights into shards of at most 5 GB as they are made, so memory stays bounded."""
-    shard: dict[str, mx.array] = {}
-    size = 0
-    for entry in entries:
-        nbytes = sum(v.nbytes for v in entry.values())
-        if shard and size + nbytes > SHARD_BYTES:
-            yield shard
-            shard, size = {}, 0
-        shard.update(entry)
-        size += nbytes
-    if shard:
-        yield shard
-
-
 def write_weights(out_dir: Path, plan: dict[str, GGUFTensor],
                   dtype: mx.Dtype) -> dict[str, Setting]:
     """model.safetensors (or 5 GB shards) and mlx-lm's index; returns the quantized modules."""
-    for stale in out_dir.glob("model*.safetensors"):  # mlx-lm would load an earlier import's
-        stale.unlink()
     modules: dict[str, Setting] = {}
 
     def entries() -> Iterator[dict[str, mx.array]]:
@@ -754,19 +737,7 @@ def write_weights(out_dir: Path, plan: dict[str, GGUFTensor],
                 modules[path.removesuffix(".weight")] = setting
             yield weights
 
-    written, weight_map, total = [], {}, 0
-    for i, shard in enumerate(_shards(entries())):
-        name = f".shard-{i}.safetensors"  # renamed once the shard count is known
-        mx.save_safetensors(str(out_dir / name), shard, metadata={"format": "mlx"})
-        written.append((name, sorted(shard)))
-        total += sum(v.nbytes for v in shard.values())
-    for i, (name, keys) in enumerate(written):
-        final = ("model.safetensors" if len(written) == 1
-                 else f"model-{i + 1:05d}-of-{len(written):05d}.safetensors")
-        (out_dir / name).replace(out_dir / final)
-        weight_map.update(dict.fromkeys(keys, final))
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
+    write_safetensors(out_dir, entries())
     return modules
 
 

@@ -12,6 +12,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFWriter
 from gguf.quants import dequantize, quantize
 
 from gemma_mlx import gguf as imp
+from gemma_mlx import safetensors_out
 from gemma_mlx.errors import BadCheckpoint
 
 Q = GGMLQuantizationType
@@ -152,7 +153,7 @@ def test_q6_k_is_requantized_to_8_bits(synthetic: Path) -> None:
 def test_shards_and_index(synthetic: Path, tmp_path: Path,
                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Past the shard size, weights go to model-0000i-of-0000n files that the index names."""
-    monkeypatch.setattr(imp, "SHARD_BYTES", 40_000)
+    monkeypatch.setattr(safetensors_out, "SHARD_BYTES", 40_000)
     tensors = imp.read_gguf(synthetic).tensors
     plan = {f"model.layers.{i}.mlp.up_proj": tensors[f"t.{t.name}.weight"]
             for i, t in enumerate([*SYNTHETIC, Q.Q6_K])}
