@@ -218,18 +218,25 @@ def mlx_lm_peer(model: Model) -> nn.Module:
 
     ref = gemma3_text.Model(gemma3_text.ModelArgs.from_dict(model.config.text.to_hf()))
     ref.sanitize({})  # the head is tied to the embedding
-    ours = dict(tree_flatten(model.net.language_model.parameters()))
-    quantized = {path: module for path, module in model.net.language_model.named_modules()
-                 if hasattr(module, "bits")}
+    ours = model.net.language_model
+    return share_weights(ref, ours, dict(tree_flatten(ours.parameters())))
+
+
+def share_weights(ref: nn.Module, ours: nn.Module, weights: dict[str, mx.array],
+                  aliases: dict[str, str] | None = None) -> nn.Module:
+    """Quantize the peer `ref` exactly where `ours` is quantized (a peer module named in
+    `aliases` follows ours of that name), then load our arrays into it: no copy."""
+    aliases = aliases or {}
+    quantized = {path: module for path, module in ours.named_modules() if hasattr(module, "bits")}
 
     def predicate(path: str, module: nn.Module) -> bool | dict:
-        mine = quantized.get(path)
+        mine = quantized.get(aliases.get(path, path))
         if mine is None:
             return False
         return {"group_size": mine.group_size, "bits": mine.bits, "mode": mine.mode}
 
     nn.quantize(ref, class_predicate=predicate)
-    ref.load_weights(list(ours.items()), strict=True)
+    ref.load_weights(list(weights.items()), strict=True)
     return ref
 
 
@@ -269,18 +276,7 @@ def mlx_vlm_peer(model: Model) -> nn.Module:
     weights = dict(tree_flatten(model.net.parameters()))
     embed, head = "language_model.model.embed_tokens", "language_model.lm_head"
     weights.update({head + k[len(embed):]: v for k, v in weights.items() if k.startswith(embed)})
-    quantized = {path: module for path, module in model.net.named_modules()
-                 if hasattr(module, "bits")}
-
-    def predicate(path: str, module: nn.Module) -> bool | dict:
-        mine = quantized.get(embed if path == head else path)
-        if mine is None:
-            return False
-        return {"group_size": mine.group_size, "bits": mine.bits, "mode": mine.mode}
-
-    nn.quantize(ref, class_predicate=predicate)
-    ref.load_weights(list(weights.items()), strict=True)
-    return ref
+    return share_weights(ref, model.net, weights, aliases={head: embed})
 
 
 @dataclass
