@@ -96,6 +96,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .chat import MIN_CONTEXT
 from .config import ModelConfig
 from .engine import SamplingSettings, Stats, generate_tokens
 from .errors import BadImage, BadRequest
@@ -588,9 +589,9 @@ def run_bench(argv: list[str], out: Any, err: Any) -> int:
         raise BadRequest(f"--gen-tokens must be at least 2 (got {args.gen_tokens})")
     if args.repeats < 1:
         raise BadRequest(f"--repeats must be at least 1 (got {args.repeats})")
-    if args.max_context is not None and (args.max_context < 64 or args.image):
-        raise BadRequest("--max-context takes at least 64 tokens, and no --image (the image "
-                         "would be the first thing dropped)")
+    if args.max_context is not None and (args.max_context < MIN_CONTEXT or args.image):
+        raise BadRequest(f"--max-context takes at least {MIN_CONTEXT} tokens, and no --image "
+                         "(the image would be the first thing dropped)")
     if args.draft_model is not None and args.compare is not None:
         raise BadRequest("--draft-model measures speculative against plain decoding of the same "
                          "model: leave out --compare")

@@ -313,12 +313,8 @@ class Chat:
                 block += 1
             common += 1
         common = min(common, len(ids) - 1)
-        excess = len(self._cached_ids) - common
-        if excess > 0:
-            if can_trim_prompt_cache(self._cache):
-                trim_prompt_cache(self._cache, excess)
-            else:  # a rotating cache that has wrapped: its old keys are gone
-                self._cache, common = self.model.make_cache(self.kv_bits), 0
+        if not _trim(self._cache, len(self._cached_ids) - common):
+            self._cache, common = self.model.make_cache(self.kv_bits), 0
         self._cached_ids, self._cached_pictures = ids[:common], list(pictures)
         return common
 
@@ -335,12 +331,8 @@ class Chat:
             if a != b:
                 break
             common += 1
-        excess = len(self._draft_ids) - common
-        if excess > 0:
-            if can_trim_prompt_cache(self._draft_cache):
-                trim_prompt_cache(self._draft_cache, excess)
-            else:
-                self._draft_cache, common = self.draft_model.make_cache(), 0
+        if not _trim(self._draft_cache, len(self._draft_ids) - common):
+            self._draft_cache, common = self.draft_model.make_cache(), 0
         self._draft_ids = ids[:common]
         return Draft(self.draft_model, self._draft_cache, ids[common:], self.num_draft_tokens)
 
@@ -432,6 +424,17 @@ class Chat:
 
 
 # ---- saving helpers -------------------------------------------------------------------------
+
+def _trim(cache: list, excess: int) -> bool:
+    """Drop the cache's last `excess` tokens; False where it cannot (a rotating cache that has
+    wrapped: its old keys are gone), and the caller starts a fresh cache instead."""
+    if excess <= 0:
+        return True
+    if not can_trim_prompt_cache(cache):
+        return False
+    trim_prompt_cache(cache, excess)
+    return True
+
 
 def _where(source: ImageSource) -> str | None:
     """What a saved chat refers to: a URL as given, a file by its absolute path (a relative

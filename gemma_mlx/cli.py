@@ -92,8 +92,11 @@ def draft_options(args: argparse.Namespace) -> dict:
 
 
 def check_max_context(max_context: int | None) -> None:
-    if max_context is not None and max_context < 64:
-        raise BadRequest(f"--max-context must be at least 64 tokens (got {max_context})")
+    from .chat import MIN_CONTEXT
+
+    if max_context is not None and max_context < MIN_CONTEXT:
+        raise BadRequest(f"--max-context must be at least {MIN_CONTEXT} tokens "
+                         f"(got {max_context})")
 
 
 def sampling_from(args: argparse.Namespace) -> dict:
