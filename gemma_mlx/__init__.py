@@ -7,15 +7,25 @@
     print(chat.send("What is in this picture?", images=["photo.jpg"]))
     draft = gemma_mlx.load_draft("270m", model)  # speculative decoding: same replies, faster
     print(gemma_mlx.generate(model, "Tell me a story.", draft_model=draft))
+
+The names below are imported on first use, so `python -m gemma_mlx` starts (and can be
+interrupted, or print its help) before MLX is loaded.
 """
 
-from .chat import Attachment, Chat, Message, generate, stream
-from .engine import Chunk, SamplingSettings, Stats
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .errors import BadCheckpoint, BadImage, BadRequest, ContextOverflow, GemmaError, ModelNotFound
-from .loading import Model, load
-from .speculative import load_draft
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "Attachment": "chat", "Chat": "chat", "Message": "chat", "generate": "chat",
+    "stream": "chat", "Chunk": "engine", "SamplingSettings": "engine", "Stats": "engine",
+    "Model": "loading", "load": "loading", "load_draft": "speculative",
+}
 
 __all__ = [
     "Attachment", "BadCheckpoint", "BadImage", "BadRequest", "Chat", "Chunk", "ContextOverflow",
@@ -23,3 +33,21 @@ __all__ = [
     "ModelNotFound", "SamplingSettings", "Stats", "__version__", "generate", "load", "load_draft",
     "stream",
 ]
+
+if TYPE_CHECKING:
+    from .chat import Attachment, Chat, Message, generate, stream
+    from .engine import Chunk, SamplingSettings, Stats
+    from .loading import Model, load
+    from .speculative import load_draft
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'gemma_mlx' has no attribute '{name}'")
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

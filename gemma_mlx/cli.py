@@ -7,11 +7,13 @@ is one line and a non-zero exit code, never a traceback.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 
 from .errors import BadRequest, GemmaError
 from .hub import DEFAULT_MODEL, MODEL_NAMES
+from .interrupt import Interrupt
 
 SUBCOMMANDS = ("chat", "convert", "bench")
 MMPROJ_HELP = ("llama.cpp's vision projector GGUF (e.g. mmproj-model-f16.gguf) for a .gguf "
@@ -30,11 +32,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return chat_command(argv[1:])
         if command == "bench":
             return bench_command(argv[1:])
-        return oneshot_command(argv)
+        with Interrupt().installed() as interrupt:  # first: Ctrl-C during imports counts too
+            return oneshot_command(argv, interrupt)
     except GemmaError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # more Ctrl-C while exiting change nothing
         print("\ninterrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
 
@@ -127,7 +131,7 @@ def oneshot_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def oneshot_command(argv: list[str]) -> int:
+def oneshot_command(argv: list[str], interrupt: Interrupt) -> int:
     args = oneshot_parser().parse_args(argv)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     sampling = sampling_from(args)
@@ -145,22 +149,26 @@ def oneshot_command(argv: list[str]) -> int:
         from .speculative import load_draft
 
         drafting["draft_model"] = load_draft(args.draft_model, model)
+    interrupt.check()  # a Ctrl-C swallowed while loading (in a finalizer) still stops here
     raw = True if args.raw else None
     explain_raw = raw is None and not model.has_chat_template and not args.image
-    stats = None
+    chunk = None
     extra = {"images": args.image, "pan_and_scan": args.pan_and_scan} if args.image else {}
     for chunk in stream(model, prompt, system=args.system, raw=raw, max_context=args.max_context,
-                        kv_bits=args.kv_bits, **drafting, **extra, **sampling):
+                        kv_bits=args.kv_bits, should_stop=interrupt, **drafting, **extra,
+                        **sampling):
+        interrupt.streaming()
         if explain_raw:  # once the prompt is accepted: an error stays a single line
             print(f"note: {model.name} has no chat template (a base model), so the prompt is "
                   "completed as plain text, as with --raw", file=sys.stderr)
             explain_raw = False
         sys.stdout.write(chunk.text)
         sys.stdout.flush()
-        stats = chunk.stats
     sys.stdout.write("\n")
-    if args.verbose and stats is not None:
-        print(stats.summary(), file=sys.stderr)
+    if args.verbose and chunk is not None:
+        print(chunk.stats.summary(), file=sys.stderr)
+    if chunk is not None and chunk.finish_reason == "cancelled":
+        raise KeyboardInterrupt
     return 0
 
 

@@ -105,18 +105,27 @@ class Chunk:
     tokens: list[int] = field(default_factory=list)  # every generated token so far
 
 
-def prefill(model: Model, ids: Sequence[int], cache: list, chunk: int = PREFILL_CHUNK,
-            image_features: mx.array | None = None) -> mx.array:
+class PrefillStopped(Exception):
+    """`should_stop` said stop between two prefill chunks (the cache holds those before)."""
+
+
+def prefill(model: Model, ids: Sequence[int], cache: list, chunk: int | None = None,
+            image_features: mx.array | None = None,
+            should_stop: Callable[[], bool] | None = None) -> mx.array:
     """Run the prompt through the model in chunks; return the last position's logits [vocab].
 
     A chunk never ends inside an image (its tokens attend to each other both ways), and each
     chunk gets the soft tokens of the images it holds. Only the last position goes through
-    the output head (262k columns)."""
+    the output head (262k columns). `should_stop` is asked before each chunk: a long prompt
+    can be stopped too (PrefillStopped)."""
     image_token = model.config.image_token_index
+    chunk = chunk or PREFILL_CHUNK
     ids = list(ids)
     start, images_done = 0, 0
     per_image = model.config.mm_tokens_per_image
     while True:
+        if should_stop is not None and should_stop():
+            raise PrefillStopped
         end = chunk_end(ids, start, chunk, image_token)
         n_images = sum(1 for t in ids[start:end] if t == image_token) // per_image
         features = None
@@ -150,11 +159,13 @@ def chunk_end(ids: Sequence[int], start: int, chunk: int, image_token: int) -> i
 def generate_tokens(model: Model, prompt: Sequence[int], cache: list,
                     settings: SamplingSettings, stats: Stats,
                     image_features: mx.array | None = None,
-                    compiled: bool = True) -> Iterator[int]:
-    """Yield sampled token ids. Decode is pipelined: step n+1 is queued with `mx.async_eval`
-    before step n's token is read, so Python and the device overlap. Each decode step is one
-    compiled graph (`TextDecoder.compiled_decode`) where the caches allow; `compiled=False`
-    decodes op by op through the model instead (the reference the compiled path must equal)."""
+                    compiled: bool = True,
+                    should_stop: Callable[[], bool] | None = None) -> Iterator[int]:
+    """Yield sampled token ids (`should_stop` can end the prefill: PrefillStopped). Decode is
+    pipelined: step n+1 is queued with `mx.async_eval` before step n's token is read, so Python
+    and the device overlap. Each decode step is one compiled graph (`TextDecoder.compiled_decode`)
+    where the caches allow; `compiled=False` decodes op by op through the model instead (the
+    reference the compiled path must equal)."""
     if settings.seed is not None:
         mx.random.seed(settings.seed)
     sampler = make_sampler(settings.temp, settings.top_p, settings.min_p, top_k=settings.top_k)
@@ -178,7 +189,8 @@ def generate_tokens(model: Model, prompt: Sequence[int], cache: list,
         return sample(model.net.logits(model.net.hidden(token[None], cache)[:, -1, :])[0])
 
     start = time.perf_counter()
-    token = sample(prefill(model, prompt, cache, image_features=image_features))
+    token = sample(prefill(model, prompt, cache, image_features=image_features,
+                           should_stop=should_stop))
     if compiled:
         fast = model.net.decoder.compiled_decode(cache)
     mx.eval(token)
@@ -230,22 +242,26 @@ def stream_tokens(model: Model, prompt: Sequence[int], settings: SamplingSetting
     finish, stop_token = "length", None
     # On Metal, keep the weights wired while generating, as mlx-lm does (a no-op elsewhere).
     generate = draft.tokens if draft is not None else generate_tokens
-    ids = generate(model, prompt, cache, settings, stats, image_features=image_features)
+    ids = generate(model, prompt, cache, settings, stats, image_features=image_features,
+                   should_stop=should_stop)
     # Closed on leaving the loop (a draft then rolls both caches back to the tokens read).
     with wired_limit(model.net), closing(ids):
         # should_stop is asked once per token, here (asking twice could see it change between
         # the two and end the reply as "length" instead of "cancelled").
-        for token in ids:
-            if token in stop_ids:
-                finish, stop_token = "stop", token
-                break
-            tokens.append(token)
-            detok.add_token(token)
-            stats.peak_memory = mx.get_peak_memory()
-            yield Chunk(detok.last_segment, token, stats, tokens=tokens)
-            if should_stop():
-                finish = "cancelled"
-                break
+        try:
+            for token in ids:
+                if token in stop_ids:
+                    finish, stop_token = "stop", token
+                    break
+                tokens.append(token)
+                detok.add_token(token)
+                stats.peak_memory = mx.get_peak_memory()
+                yield Chunk(detok.last_segment, token, stats, tokens=tokens)
+                if should_stop():
+                    finish = "cancelled"
+                    break
+        except PrefillStopped:
+            finish = "cancelled"
     detok.finalize()
     stats.peak_memory = mx.get_peak_memory()
     yield Chunk(detok.last_segment, stop_token, stats, finish_reason=finish, tokens=tokens)

@@ -116,7 +116,8 @@ class Draft:
     def tokens(self, model: Model, prompt: Sequence[int], cache: list,
                settings: SamplingSettings, stats: Stats,
                image_features: mx.array | None = None,
-               compiled: bool = True) -> Iterator[int]:
+               compiled: bool = True,
+               should_stop: Callable[[], bool] | None = None) -> Iterator[int]:
         """Yield the target's tokens as `engine.generate_tokens` does (same arguments), drafting
         `num_draft_tokens` at a time. When the caller stops reading, both caches are left
         holding the prompt and the tokens it read (the last one maybe not), as after plain
@@ -126,7 +127,8 @@ class Draft:
         rule = Rule(settings, model.config.text.vocab_size)
         history = list(prompt)  # for the logits processors (repetition penalty)
         start = time.perf_counter()
-        logits = prefill(model, prompt, cache, image_features=image_features)
+        logits = prefill(model, prompt, cache, image_features=image_features,
+                         should_stop=should_stop)
         first = rule.sample(rule.logprobs(logits, history))
         if self.prompt:  # the draft reads the prompt too: its time counts in the first token's
             prefill(self.model, self.readable(self.prompt), self.cache)
