@@ -19,6 +19,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .errors import BadRequest, ContextOverflow
 from .loading import Model
+from .model.decode import compiled_decode
 
 # Tokens per prefill pass. 2048, as mlx-lm's default: on an H100 (4B, 4096-token prompt) 512
 # ran at 0.6x the speed of 2048 and 1024 at 0.8x (benchmarks/RESULTS.md); larger chunks cost
@@ -153,7 +154,7 @@ def generate_tokens(model: Model, prompt: Sequence[int], cache: list,
                     compiled: bool = True) -> Iterator[int]:
     """Yield sampled token ids. Decode is pipelined: step n+1 is queued with `mx.async_eval`
     before step n's token is read, so Python and the device overlap. Each decode step is one
-    compiled graph (`TextDecoder.compiled_decode`) where the caches allow; `compiled=False`
+    compiled graph (`model.decode.compiled_decode`) where the caches allow; `compiled=False`
     decodes op by op through the model instead (the reference the compiled path must equal)."""
     if settings.seed is not None:
         mx.random.seed(settings.seed)
@@ -180,7 +181,7 @@ def generate_tokens(model: Model, prompt: Sequence[int], cache: list,
     start = time.perf_counter()
     token = sample(prefill(model, prompt, cache, image_features=image_features))
     if compiled:
-        fast = model.net.decoder.compiled_decode(cache)
+        fast = compiled_decode(model.net.decoder, cache)
     mx.eval(token)
     stats.prompt_tokens = len(prompt)
     stats.prompt_seconds = time.perf_counter() - start
