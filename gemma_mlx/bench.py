@@ -101,6 +101,7 @@ from .config import ModelConfig
 from .engine import SamplingSettings, Stats, generate_tokens
 from .errors import BadImage, BadRequest
 from .loading import Model, QuantizeSpec, compute_dtype, quantize_text_decoder
+from .model.decode import decode_program
 from .model.gemma3 import Gemma3
 from .speculative import (
     DEFAULT_NUM_DRAFT_TOKENS,
@@ -632,7 +633,7 @@ def run_bench(argv: list[str], out: Any, err: Any) -> int:
     if not args.no_compile:
         # Lays the q/k/v and gate/up weights out fused (in place, as views) before the peer
         # takes the same arrays, so both run on one copy of the weights.
-        model.net.decoder.decode_program()
+        decode_program(model.net.decoder)
     compiled = not args.no_compile
     bounded = args.kv_bits is not None or args.max_context is not None
     peer: Implementation | None = None

@@ -19,6 +19,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .errors import BadRequest, ContextOverflow
 from .loading import Model
+from .model.decode import compiled_decode
 
 # Tokens per prefill pass. 2048, as mlx-lm's default: on an H100 (4B, 4096-token prompt) 512
 # ran at 0.6x the speed of 2048 and 1024 at 0.8x (benchmarks/RESULTS.md); larger chunks cost
@@ -163,7 +164,7 @@ def generate_tokens(model: Model, prompt: Sequence[int], cache: list,
                     should_stop: Callable[[], bool] | None = None) -> Iterator[int]:
     """Yield sampled token ids (`should_stop` can end the prefill: PrefillStopped). Decode is
     pipelined: step n+1 is queued with `mx.async_eval` before step n's token is read, so Python
-    and the device overlap. Each decode step is one compiled graph (`TextDecoder.compiled_decode`)
+    and the device overlap. Each decode step is one compiled graph (`model.decode.compiled_decode`)
     where the caches allow; `compiled=False` decodes op by op through the model instead (the
     reference the compiled path must equal)."""
     if settings.seed is not None:
@@ -192,7 +193,7 @@ def generate_tokens(model: Model, prompt: Sequence[int], cache: list,
     token = sample(prefill(model, prompt, cache, image_features=image_features,
                            should_stop=should_stop))
     if compiled:
-        fast = model.net.decoder.compiled_decode(cache)
+        fast = compiled_decode(model.net.decoder, cache)
     mx.eval(token)
     stats.prompt_tokens = len(prompt)
     stats.prompt_seconds = time.perf_counter() - start

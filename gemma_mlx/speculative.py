@@ -47,6 +47,7 @@ from mlx_lm.sample_utils import (
 from .engine import SamplingSettings, Stats, prefill
 from .errors import BadRequest
 from .loading import Model
+from .model.decode import compiled_decode
 
 DEFAULT_NUM_DRAFT_TOKENS = 3
 MAX_NUM_DRAFT_TOKENS = 64
@@ -134,7 +135,7 @@ class Draft:
             prefill(self.model, self.readable(self.prompt), self.cache)
         mx.eval(first, [c.state for c in self.cache])
         # The draft's one-token steps run compiled (made once: checking it is not free).
-        fast = self.model.net.decoder.compiled_decode(self.cache) if compiled else None
+        fast = compiled_decode(self.model.net.decoder, self.cache) if compiled else None
         stats.prompt_tokens = len(prompt)
         stats.prompt_seconds = time.perf_counter() - start
         decode_start = time.perf_counter()

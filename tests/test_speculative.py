@@ -30,6 +30,7 @@ from gemma_mlx import BadRequest, Chat
 from gemma_mlx.config import ModelConfig
 from gemma_mlx.engine import SamplingSettings, Stats, cache_offset, generate_tokens, prefill
 from gemma_mlx.loading import Model
+from gemma_mlx.model.decode import compiled_decode
 from gemma_mlx.model.gemma3 import Gemma3
 from gemma_mlx.speculative import Checkpoint, Draft, Rule, rewind
 
@@ -157,7 +158,7 @@ def test_checkpoints_undo_one_token_steps_past_the_window(target, compiled):
     for back_to in range(len(steps)):
         cache = target.make_cache()
         prefill(target, prompt, cache)
-        fast = target.net.decoder.compiled_decode(cache) if compiled else None
+        fast = compiled_decode(target.net.decoder, cache) if compiled else None
         checkpoints = []
         for t in steps:
             checkpoints.append(Checkpoint.of(cache))

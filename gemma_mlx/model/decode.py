@@ -2,12 +2,14 @@
 
 The text decoder (model/text.py) is the reference: this step computes the same thing for one
 token at a time, with fixed shapes so `mx.compile` can trace it once, and fused projections.
-tests/test_decode.py holds it to the op-by-op model's logits.
+tests/test_decode.py holds it to the op-by-op model's logits. The dependency runs one way:
+this module reads the decoder's modules; the decoder knows nothing of its compiled step (the
+engine asks `compiled_decode(decoder, cache)` for it).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -15,11 +17,36 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.base import quantized_scaled_dot_product_attention
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 
-if TYPE_CHECKING:
-    from ..config import TextConfig
-    from .text import RMSNorm, TextDecoder
+from ..config import TextConfig
+from .text import RMSNorm, TextDecoder
 
 DECODE_CAPACITY_STEP = 512  # compiled decode grows a global layer's cache by this many slots
+
+
+def compiled_decode(decoder: TextDecoder, cache: list) -> CompiledDecode | None:
+    """The compiled single-token step of `decoder` for these caches, laid out for it, or None
+    where it does not apply (caches of other kinds, batches, an empty cache): then decode the
+    ordinary way, through the decoder."""
+    if not CompiledDecode.supports(decoder.cfg, cache):
+        return None
+    fast = decode_program(decoder)
+    fast.prepare(cache)
+    return fast
+
+
+def decode_program(decoder: TextDecoder) -> CompiledDecode:
+    """The decoder's CompiledDecode, made on first use and again after its weights were
+    replaced. Making it fuses the q/k/v and gate/up weights in place (see there). It is kept
+    in the decoder's instance dict (a plain attribute, not a parameter), so it lives and dies
+    with the decoder; text.py never reads it."""
+    fast = decoder.__dict__.get(_PROGRAM)
+    if fast is None or not fast.current():
+        fast = CompiledDecode(decoder)
+        decoder.__dict__[_PROGRAM] = fast
+    return fast
+
+
+_PROGRAM = "_compiled_decode"  # decode_program's slot in a decoder's instance dict
 
 
 class CompiledDecode:
