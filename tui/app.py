@@ -34,6 +34,7 @@ import gemma_mlx
 from gemma_mlx import Attachment, Chat, GemmaError, Model, Stats
 
 from .commands import BY_NAME, COMMANDS, SETTINGS, complete, image_path_in, next_completion, parse
+from .terminal import Terminal, take_over
 from .widgets import (
     AttachmentBar,
     CompletionList,
@@ -175,7 +176,9 @@ class ChatApp(App[int]):
 
     `graphics` picks how thumbnails are drawn ("auto", or "halfcell" / "unicode" for the same
     cells everywhere); `show_timings=False` leaves speeds and memory out of the status bar, so
-    screenshots of the same session are identical."""
+    screenshots of the same session are identical. `terminal` is the real terminal as
+    `terminal.take_over` found it (run() passes it): its input then reaches the app through
+    a filter that keeps the terminal's replies out, and its graphics decide "auto"."""
 
     CSS_PATH = Path(__file__).with_name("app.tcss")  # absolute: subclasses live elsewhere
     TITLE = "gemma-mlx"
@@ -190,9 +193,10 @@ class ChatApp(App[int]):
                  load_path: str | None = None, max_context: int | None = None,
                  kv_bits: int | None = None, sampling: dict[str, Any] | None = None,
                  draft_model: str | Model | None = None, num_draft_tokens: int | None = None,
-                 graphics: str = "auto",
-                 show_timings: bool = True, loader: Callable[..., Model] = gemma_mlx.load):
-        super().__init__()
+                 graphics: str = "auto", show_timings: bool = True,
+                 loader: Callable[..., Model] = gemma_mlx.load, terminal: Terminal | None = None):
+        super().__init__(driver_class=terminal.driver_class if terminal else None)
+        self.terminal = terminal
         self.model_name = model if isinstance(model, str) else model.name
         self.model: Model | None = None if isinstance(model, str) else model
         self.system = system
@@ -202,7 +206,7 @@ class ChatApp(App[int]):
         self.draft_model = draft_model  # a name is loaded after the model, in the same worker
         self.num_draft_tokens = num_draft_tokens
         self.sampling = dict(sampling or {})
-        self.graphics = graphics
+        self.graphics = terminal.graphics if terminal and graphics == "auto" else graphics
         self.show_timings = show_timings
         self.loader = loader
         self.chat: Chat | None = None
@@ -236,6 +240,8 @@ class ChatApp(App[int]):
         composer = self.query_one(Composer)
         composer.cursor_blink = self.show_timings  # no blinking in screenshots
         composer.focus()
+        if self.terminal is not None:  # keys from now on reach the composer (after its focus)
+            self.call_later(self.terminal.ready.set)
         if self.model is None or isinstance(self.draft_model, str):
             await self.query_one(Conversation).mount(LoadingPanel(self.model_name, id="loading"))
             self.update_status()
@@ -717,9 +723,11 @@ class ChatApp(App[int]):
 
 
 def run(model: str | Model = "4b", **options: Any) -> int:
-    """Run the app in this terminal; returns its exit code."""
-    app = ChatApp(model, **options)
-    app.run()
+    """Run the app in this terminal; returns its exit code. The terminal is taken over first
+    (keys typed from then on are kept for the composer) and given back as it was."""
+    with take_over() as terminal:
+        app = ChatApp(model, terminal=terminal, **options)
+        app.run()
     code = app.return_code or 0
     # Free what the app's reference cycles still hold before Python exits (see on_unmount).
     del app
