@@ -78,6 +78,7 @@ class MessageView(Vertical):
                     yield ImageThumbnail(attachment, self.graphics)
         yield self._body()
         yield Label("■ stopped", classes="stopped-mark")
+        yield Label("… waiting for the model to load", classes="waiting-mark")
 
     def _body(self) -> Static | Markdown:
         if self.role == "user":
@@ -92,6 +93,15 @@ class MessageView(Vertical):
             self.flat = True
             await self.query_one(".body").remove()
             await self.mount(self._body(), before=self.query_one(".stopped-mark"))
+
+    def wait(self) -> MessageView:
+        """Show it as typed before the model was ready: it goes out once it is."""
+        self.add_class("-waiting")
+        return self
+
+    def unsent(self, reason: str) -> None:
+        self.add_class("-unsent")
+        self.query_one(".waiting-mark", Label).update(f"✗ not sent: {reason}")
 
     def stream(self) -> MarkdownStream:
         return Markdown.get_stream(self.query_one(Markdown))
