@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ROWS, COLUMNS = 30, 100
 DEVICE_ATTRIBUTES = f"{ESC}[?1;2c"  # tmux's answer to `ESC [ c`
 CURSOR_POSITION = f"{ESC}[12;40R"
+FOOTER = "esc Stop reply"  # the app's key bar: on every frame
 SYNC_BEGIN, SYNC_END = f"{ESC}[?2026h", f"{ESC}[?2026l"
 APC_STRING = re.compile(re.escape(ESC) + r"_.*?" + re.escape(ESC) + r"\\", re.S)
 # What a reply would leave on the screen if it got through: its text, or the terminal's echo.
@@ -155,6 +156,12 @@ class EmulatedTerminal:
         if f"{ESC}[16t" in output:
             self.send(f"{ESC}[6;20;10t")
 
+    def pause(self, seconds: float) -> None:
+        """Let time pass, reading (and answering) as a terminal does meanwhile."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end and self.pump(max(0.0, end - time.monotonic())):
+            pass
+
     @property
     def text(self) -> str:
         return "\n".join(self.screen.display)
@@ -166,7 +173,7 @@ class EmulatedTerminal:
         while True:
             alive = self.pump()
             text = self.text
-            if self.frames or "esc Stop reply" in text:  # the app's footer: its first frame
+            if self.frames or FOOTER in text:  # the app's first frame
                 self.frames += 1
                 leak = LEAKS.search(text)
                 assert leak is None, f"{leak[0]!r} on screen:\n{text}"
@@ -215,6 +222,56 @@ def sent(text: str, message: str) -> bool:
     return "You" in text and message in text and composer_line(text) == ""
 
 
+# ---- the app in a real terminal -----------------------------------------------------------------
+
+def test_typing_during_loading_in_a_real_terminal(terminal_deadline, model_270m):
+    """Typed before the first frame and during loading, sent during loading: the message
+    waits, goes out when the model is ready, and the reply streams. Terminal replies sent
+    at every stage never reach the screen."""
+    import gemma_mlx
+
+    prompt = "The capital of France is"
+    expected = gemma_mlx.Chat(model_270m, temp=0.0, max_tokens=6).send(prompt)
+    argv = [sys.executable, "-m", "gemma_mlx", "chat", "--model", "270m", "--temp", "0",
+            "--max-tokens", "6"]
+    term = EmulatedTerminal(argv, terminal_deadline)
+    try:
+        # Before the first frame: Python is still importing.
+        term.send(DEVICE_ATTRIBUTES + "The capital" + CURSOR_POSITION)
+        term.wait_for("the first frame", lambda t: FOOTER in t, 180)
+        term.wait_for("the early keys in the composer",
+                      lambda t: composer_line(t) == "The capital", 60)
+        # During loading.
+        term.send(DEVICE_ATTRIBUTES + " of France" + CURSOR_POSITION + " is")
+        term.wait_for("the keys typed during loading",
+                      lambda t: composer_line(t) == prompt, 60)
+        term.send(f"{DEVICE_ATTRIBUTES}\r")
+        shown = term.wait_for("the message", lambda t: sent(t, prompt) and t, 60)
+        if "Loading 270m" in shown:  # sent before the model was ready: shown as waiting
+            assert "waiting for the model" in shown
+        # While streaming (a fast machine may be done by the time the screen is read).
+        term.wait_for("the reply streaming", lambda t: "replying:" in t or "first token" in t,
+                      240)
+        term.send(DEVICE_ATTRIBUTES + CURSOR_POSITION)
+        term.wait_for("the reply", lambda t: "first token" in t, 240)
+        screen = term.text
+        assert "waiting for the model" not in screen and "Loading" not in screen
+        reply_words = " ".join(screen.split("Gemma", 1)[1].split("╭")[0].split("█")).split()
+        assert " ".join(reply_words) == " ".join(expected.split()), screen
+        assert composer_line(screen) == ""
+        # While composing, one reply split across reads.
+        term.send("hel" + DEVICE_ATTRIBUTES[:4])
+        term.pause(0.3)  # so that the app reads the two halves apart
+        term.send(DEVICE_ATTRIBUTES[4:] + CURSOR_POSITION + "lo")
+        term.wait_for("a new message", lambda t: composer_line(t) == "hello", 60)
+        term.send("\x03")
+        term.wait_for("the quit note", lambda t: "Ctrl+C again" in t, 30)
+        term.send("\x03")
+        assert term.wait_for_exit(60) == 0
+    finally:
+        term.close()
+
+
 TAKE_OVER = """
 import select, sys, termios, time
 from tui.terminal import take_over
@@ -237,9 +294,9 @@ def test_taking_the_terminal_over_keeps_what_was_typed(terminal_deadline):
     try:
         term.wait_for("the script", lambda t: "START" in t, 120)
         term.send(f"ab{DEVICE_ATTRIBUTES}c{CURSOR_POSITION}\r")
-        shown = term.wait_for("the result", lambda t: "RESTORED" in t and t, 60)
-        assert "TYPED 'abc\\r' halfcell (10, 20)" in shown
-        assert "ECHO False RESTORED True" in shown
-        assert term.wait_for_exit(30) == 0
+        assert term.wait_for_exit(60) == 0
+        shown = term.text  # the whole output, once the script is done
+        assert "TYPED 'abc\\r' halfcell (10, 20)" in shown, shown
+        assert "ECHO False RESTORED True" in shown, shown
     finally:
         term.close()

@@ -33,7 +33,7 @@ from textual import constants
 ESC = "\x1b"
 BEL = "\x07"
 ESCAPE_DELAY = constants.ESCAPE_DELAY  # a lone ESC is the Esc key after this (Textual's ESCDELAY)
-REPLY_HOLD = 1.0  # seconds a begun reply may take to arrive whole
+REPLY_HOLD = 2.0  # seconds a begun reply may take to arrive whole (a busy terminal)
 ANSWER_TIMEOUT = 1.0  # for the terminal to answer our start-up questions
 MAX_STRING = 1 << 16  # an OSC, DCS or APC string longer than this is dropped as it comes
 
