@@ -1,4 +1,4 @@
-"""`python -m gemma_mlx`: one-shot questions, and the chat, convert and bench subcommands.
+"""`python -m gemma_mlx`: one-shot questions, and the chat, convert, bench and serve subcommands.
 
 Only generated text goes to stdout; notes, statistics and errors go to stderr. Every user error
 is one line and a non-zero exit code, never a traceback.
@@ -15,7 +15,7 @@ from .errors import BadRequest, GemmaError
 from .hub import DEFAULT_MODEL, MODEL_NAMES
 from .interrupt import Interrupt
 
-SUBCOMMANDS = ("chat", "convert", "bench")
+SUBCOMMANDS = ("chat", "convert", "bench", "serve")
 MMPROJ_HELP = ("llama.cpp's vision projector GGUF (e.g. mmproj-model-f16.gguf) for a .gguf "
                "model: adds its vision tower, for --image")
 EXIT_ERROR = 1
@@ -32,6 +32,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return chat_command(argv[1:])
         if command == "bench":
             return bench_command(argv[1:])
+        if command == "serve":
+            return serve_command(argv[1:])
         with Interrupt().installed() as interrupt:  # first: Ctrl-C during imports counts too
             return oneshot_command(argv, interrupt)
     except GemmaError as e:
@@ -112,7 +114,8 @@ def oneshot_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m gemma_mlx",
         description="Ask Gemma 3 one question. Subcommands: chat (the terminal app), "
-                    "convert (to an MLX folder), bench (speed and memory).")
+                    "convert (to an MLX folder), bench (speed and memory), serve (an OpenAI- "
+                    "and Ollama-compatible server).")
     parser.add_argument("prompt", help="the prompt; '-' reads it from stdin")
     add_model_option(parser)
     add_sampling_options(parser)
@@ -237,6 +240,64 @@ def chat_command(argv: list[str]) -> int:
     return run(args.model, system=args.system, load_path=args.load,
                max_context=args.max_context, kv_bits=args.kv_bits, sampling=sampling,
                **drafting, **options)
+
+
+def serve_command(argv: list[str]) -> int:
+    import os
+
+    parser = argparse.ArgumentParser(
+        prog="python -m gemma_mlx serve",
+        description="Serve one model over HTTP with OpenAI's API (/v1) and Ollama's (/api).")
+    add_model_option(parser)
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default: 127.0.0.1, this machine only)")
+    parser.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
+    parser.add_argument("--api-key", default=os.environ.get("GEMMA_MLX_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on every endpoint but "
+                             "/health (default: $GEMMA_MLX_API_KEY)")
+    add_memory_options(parser)
+    add_draft_options(parser)
+    parser.add_argument("--pan-and-scan", action="store_true",
+                        help="also show the model crops of large or non-square images")
+    parser.add_argument("--cors", nargs="+", default=[], metavar="ORIGIN",
+                        help="allow browsers on these origins (default: CORS off)")
+    parser.add_argument("--max-queue", type=int, default=16, metavar="N",
+                        help="requests that may wait for the model; more get 429 (default: 16)")
+    parser.add_argument("--allow-private-urls", action="store_true",
+                        help="let image URLs point to loopback, private and link-local "
+                             "addresses (off: the server cannot be used to reach its network)")
+    parser.add_argument("--cache-sessions", type=int, default=4, metavar="N",
+                        help="KV caches kept between requests for prefix reuse (default: 4)")
+    parser.add_argument("--cache-memory", type=float, default=8.0, metavar="GB",
+                        help="most memory those caches keep (default: 8 GB)")
+    parser.add_argument("--max-body-mb", type=int, default=100, metavar="MB",
+                        help="largest request body (default: 100 MB)")
+    parser.add_argument("--verbose", "-v", action="store_true",
+                        help="also log request bodies (prompts included)")
+    args = parser.parse_args(argv)
+    check_max_context(args.max_context)
+    drafting = draft_options(args)
+    for name, value in (("--port", args.port), ("--max-queue", args.max_queue),
+                        ("--cache-sessions", args.cache_sessions),
+                        ("--max-body-mb", args.max_body_mb)):
+        if value < (0 if name == "--max-queue" else 1) or (name == "--port" and value > 65535):
+            raise BadRequest(f"{name} is out of range (got {value})")
+    from .loading import load
+    from .server import serve
+
+    print(f"loading {args.model} ...", file=sys.stderr, flush=True)
+    model = load(args.model, mmproj=args.mmproj)
+    draft = None
+    if args.draft_model is not None:
+        from .speculative import load_draft
+
+        draft = load_draft(args.draft_model, model)
+    serve(model, host=args.host, port=args.port, draft_model=draft, api_key=args.api_key,
+          cors=args.cors, max_queue=args.max_queue, allow_private_urls=args.allow_private_urls,
+          max_context=args.max_context, kv_bits=args.kv_bits, pan_and_scan=args.pan_and_scan,
+          cache_sessions=args.cache_sessions, cache_bytes=int(args.cache_memory * 2**30),
+          max_body_bytes=args.max_body_mb << 20, verbose=args.verbose, **drafting)
+    return 0
 
 
 def bench_command(argv: list[str]) -> int:

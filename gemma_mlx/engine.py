@@ -104,6 +104,36 @@ class Chunk:
     stats: Stats
     finish_reason: str | None = None  # "stop", "length" or "cancelled" on the last chunk
     tokens: list[int] = field(default_factory=list)  # every generated token so far
+    logprob: float | None = None  # with `logprobs`: the token's log-probability ...
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)  # ... and the top ones
+
+
+class Logprobs:
+    """Log-probabilities of each sampled token (and of the `top` likeliest), as the model gives
+    them before sampling's filters and temperature. Recorded on the device with each step and
+    read in order as the tokens are, so the pipelined decode never waits for them."""
+
+    def __init__(self, top: int = 0):
+        self.top = top
+        self._pending: list[tuple[mx.array, ...]] = []
+
+    def record(self, logprobs: mx.array, token: mx.array) -> list[mx.array]:
+        """Queue this step's figures; returns the arrays to evaluate with the token."""
+        arrays = [logprobs[token]]
+        if self.top:
+            ids = mx.argpartition(-logprobs, self.top - 1)[:self.top]
+            arrays += [ids, logprobs[ids]]
+        self._pending.append(tuple(arrays))
+        return arrays
+
+    def pop(self) -> tuple[float, list[tuple[int, float]]]:
+        """The oldest queued step's (logprob, [(id, logprob)] likeliest first)."""
+        chosen, *top = self._pending.pop(0)
+        pairs = []
+        if top:
+            pairs = sorted(zip(top[0].tolist(), top[1].tolist(), strict=True),
+                           key=lambda pair: -pair[1])
+        return chosen.item(), pairs
 
 
 class PrefillStopped(Exception):
@@ -161,8 +191,10 @@ def generate_tokens(model: Model, prompt: Sequence[int], cache: list,
                     settings: SamplingSettings, stats: Stats,
                     image_features: mx.array | None = None,
                     compiled: bool = True,
-                    should_stop: Callable[[], bool] | None = None) -> Iterator[int]:
-    """Yield sampled token ids (`should_stop` can end the prefill: PrefillStopped). Decode is
+                    should_stop: Callable[[], bool] | None = None,
+                    logprobs: Logprobs | None = None) -> Iterator[int]:
+    """Yield sampled token ids (`should_stop` can end the prefill: PrefillStopped; `logprobs`
+    records each token's log-probabilities, in order, for the caller to read). Decode is
     pipelined: step n+1 is queued with `mx.async_eval` before step n's token is read, so Python
     and the device overlap. Each decode step is one compiled graph (`model.decode.compiled_decode`)
     where the caches allow; `compiled=False` decodes op by op through the model instead (the
@@ -175,11 +207,14 @@ def generate_tokens(model: Model, prompt: Sequence[int], cache: list,
 
     def sample(logits: mx.array) -> mx.array:
         nonlocal history
+        raw = logits
         for processor in processors:
             logits = processor(history, logits[None])[0]
         token = sampler((logits - mx.logsumexp(logits))[None])
         if processors:
             history = mx.concatenate([history, token])
+        if logprobs is not None:
+            mx.async_eval(logprobs.record(raw - mx.logsumexp(raw), token[0]))
         return token
 
     fast = None
@@ -220,11 +255,17 @@ def stream_tokens(model: Model, prompt: Sequence[int], settings: SamplingSetting
                   cache: list | None = None,
                   should_stop: Callable[[], bool] = lambda: False,
                   image_features: mx.array | None = None,
-                  context_limit: int | None = None, draft: Any = None) -> Iterator[Chunk]:
+                  context_limit: int | None = None, draft: Any = None,
+                  logprobs: int | None = None) -> Iterator[Chunk]:
     """Generate from prompt ids (the tokens after those already in `cache`), yielding text
     chunks; stops at <end_of_turn> / <eos>, at max_tokens or at the context limit. With a
-    `speculative.Draft`, its draft model proposes tokens that the model checks."""
+    `speculative.Draft`, its draft model proposes tokens that the model checks. `logprobs`
+    (0 for the chosen token's only, or how many of the likeliest) fills the chunks' logprobs."""
     settings.validate()
+    if logprobs is not None and draft is not None:
+        raise BadRequest("log-probabilities are not reported with a draft model: leave out one")
+    if logprobs is not None and not 0 <= logprobs <= 20:
+        raise BadRequest(f"top logprobs must be between 0 and 20 (got {logprobs})")
     if len(prompt) == 0:
         raise BadRequest("the prompt is empty: give some text to complete")
     cache = cache if cache is not None else model.make_cache()
@@ -243,21 +284,25 @@ def stream_tokens(model: Model, prompt: Sequence[int], settings: SamplingSetting
     finish, stop_token = "length", None
     # On Metal, keep the weights wired while generating, as mlx-lm does (a no-op elsewhere).
     generate = draft.tokens if draft is not None else generate_tokens
+    recorder = Logprobs(logprobs) if logprobs is not None else None
+    extra = {"logprobs": recorder} if recorder is not None else {}
     ids = generate(model, prompt, cache, settings, stats, image_features=image_features,
-                   should_stop=should_stop)
+                   should_stop=should_stop, **extra)
     # Closed on leaving the loop (a draft then rolls both caches back to the tokens read).
     with wired_limit(model.net), closing(ids):
         # should_stop is asked once per token, here (asking twice could see it change between
         # the two and end the reply as "length" instead of "cancelled").
         try:
             for token in ids:
+                scores = recorder.pop() if recorder is not None else (None, [])
                 if token in stop_ids:
                     finish, stop_token = "stop", token
                     break
                 tokens.append(token)
                 detok.add_token(token)
                 stats.peak_memory = mx.get_peak_memory()
-                yield Chunk(detok.last_segment, token, stats, tokens=tokens)
+                yield Chunk(detok.last_segment, token, stats, tokens=tokens, logprob=scores[0],
+                            top_logprobs=scores[1])
                 if should_stop():
                     finish = "cancelled"
                     break

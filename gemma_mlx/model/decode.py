@@ -46,6 +46,13 @@ def decode_program(decoder: TextDecoder) -> CompiledDecode:
     return fast
 
 
+def release_program(decoder: TextDecoder) -> None:
+    """Drop the decoder's compiled program (made again on next use). A thread that traced one
+    releases it before it ends: MLX aborts the process at exit over a compiled function that
+    outlives the thread that traced it."""
+    decoder.__dict__.pop(_PROGRAM, None)
+
+
 _PROGRAM = "_compiled_decode"  # decode_program's slot in a decoder's instance dict
 
 
