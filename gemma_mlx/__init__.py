@@ -7,6 +7,7 @@
     print(chat.send("What is in this picture?", images=["photo.jpg"]))
     draft = gemma_mlx.load_draft("270m", model)  # speculative decoding: same replies, faster
     print(gemma_mlx.generate(model, "Tell me a story.", draft_model=draft))
+    gemma_mlx.serve(model, port=8080)  # OpenAI's and Ollama's APIs over HTTP, until Ctrl-C
 
 The names below are imported on first use, so `python -m gemma_mlx` starts (and can be
 interrupted, or print its help) before MLX is loaded.
@@ -24,20 +25,23 @@ __version__ = "0.1.0"
 _LAZY = {
     "Attachment": "chat", "Chat": "chat", "Message": "chat", "generate": "chat",
     "stream": "chat", "Chunk": "engine", "SamplingSettings": "engine", "Stats": "engine",
-    "Model": "loading", "load": "loading", "load_draft": "speculative",
+    "Model": "loading", "load": "loading", "load_draft": "speculative", "Session": "session",
+    "serve": "server",
 }
 
 __all__ = [
     "Attachment", "BadCheckpoint", "BadImage", "BadRequest", "Chat", "Chunk", "ContextOverflow",
     "GemmaError", "Message", "Model",
-    "ModelNotFound", "SamplingSettings", "Stats", "__version__", "generate", "load", "load_draft",
-    "stream",
+    "ModelNotFound", "SamplingSettings", "Session", "Stats", "__version__", "generate", "load",
+    "load_draft", "serve", "stream",
 ]
 
 if TYPE_CHECKING:
     from .chat import Attachment, Chat, Message, generate, stream
     from .engine import Chunk, SamplingSettings, Stats
     from .loading import Model, load
+    from .server import serve
+    from .session import Session
     from .speculative import load_draft
 
 

@@ -336,7 +336,8 @@ def test_ollama_refusals_in_ollamas_shape(server, ollama_client, name):
 @pytest.fixture(scope="module")
 def guarded(tiny_folder):
     with running_server("--model", str(tiny_folder), "--api-key", "sesame", "--max-body-mb",
-                        "1", "--max-queue", "0", key="sesame") as running:
+                        "1", "--max-queue", "0", "--allow-private-urls",
+                        key="sesame") as running:
         yield running
 
 
@@ -353,6 +354,23 @@ def test_the_api_key_guards_every_endpoint_but_health(guarded, tiny_folder):
     assert good.models.list().data[0].id == str(tiny_folder)
     tags = ollama.Client(host=guarded.url, headers=guarded.headers).list()
     assert tags.models[0].model == str(tiny_folder)
+
+
+def test_image_urls_are_fetched_and_equal_the_same_image_sent_inline(guarded, tiny_folder):
+    from test_server_parts import Site
+
+    picture = png((120, 40, 200))
+    site = Site("127.0.0.1", {"/p.png": (200, {"Content-Type": "image/png"}, picture)})
+    client = openai.OpenAI(base_url=guarded.v1, api_key="sesame", max_retries=0, timeout=120)
+    try:
+        replies = [client.chat.completions.create(model=str(tiny_folder), messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": "What?"}]}],
+            **GREEDY).choices[0].message.content
+            for url in (site.url + "/p.png", data_url(picture))]
+    finally:
+        site.close()
+    assert site.hits == ["/p.png"] and replies[0] == replies[1]
 
 
 def test_bodies_over_the_bound_get_413_with_or_without_a_length(guarded, tiny_folder):
