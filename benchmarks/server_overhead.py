@@ -75,8 +75,10 @@ def server_stream(server, name: str, body: dict, chat: bool) -> tuple[float, flo
     start = time.perf_counter()
     first = last = None
     pieces = []
-    with httpx.stream("POST", server.v1 + path, json={"model": name, "stream": True, **body},
+    with httpx.stream("POST", server.url + path, json={"model": name, "stream": True, **body},
                       timeout=3600) as response:
+        if response.status_code != 200:
+            raise SystemExit(f"{path}: HTTP {response.status_code}: {response.read()[:500]}")
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue

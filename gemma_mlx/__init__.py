@@ -26,17 +26,18 @@ _LAZY = {
     "Attachment": "chat", "Chat": "chat", "Message": "chat", "generate": "chat",
     "stream": "chat", "Chunk": "engine", "SamplingSettings": "engine", "Stats": "engine",
     "Model": "loading", "load": "loading", "load_draft": "speculative", "Session": "session",
-    "serve": "server",
+    "serve": "server", "batch_generate": "batch",
 }
 
 __all__ = [
     "Attachment", "BadCheckpoint", "BadImage", "BadRequest", "Chat", "Chunk", "ContextOverflow",
     "GemmaError", "Message", "Model",
-    "ModelNotFound", "SamplingSettings", "Session", "Stats", "__version__", "generate", "load",
-    "load_draft", "serve", "stream",
+    "ModelNotFound", "SamplingSettings", "Session", "Stats", "__version__", "batch_generate",
+    "generate", "load", "load_draft", "serve", "stream",
 ]
 
 if TYPE_CHECKING:
+    from .batch import batch_generate
     from .chat import Attachment, Chat, Message, generate, stream
     from .engine import Chunk, SamplingSettings, Stats
     from .loading import Model, load

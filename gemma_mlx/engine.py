@@ -144,19 +144,31 @@ def prefill(model: Model, ids: Sequence[int], cache: list, chunk: int | None = N
             image_features: mx.array | None = None,
             should_stop: Callable[[], bool] | None = None) -> mx.array:
     """Run the prompt through the model in chunks; return the last position's logits [vocab].
+    `should_stop` is asked before each chunk: a long prompt can be stopped too
+    (PrefillStopped)."""
+    chunks = prefill_chunks(model, ids, cache, chunk, image_features)
+    while True:
+        if should_stop is not None and should_stop():
+            raise PrefillStopped
+        logits = next(chunks)
+        if logits is not None:
+            return logits
+
+
+def prefill_chunks(model: Model, ids: Sequence[int], cache: list, chunk: int | None = None,
+                   image_features: mx.array | None = None) -> Iterator[mx.array | None]:
+    """The prefill one chunk at a time (so that a batch can decode between them): None after
+    each chunk but the last, then the last position's logits [vocab].
 
     A chunk never ends inside an image (its tokens attend to each other both ways), and each
     chunk gets the soft tokens of the images it holds. Only the last position goes through
-    the output head (262k columns). `should_stop` is asked before each chunk: a long prompt
-    can be stopped too (PrefillStopped)."""
+    the output head (262k columns)."""
     image_token = model.config.image_token_index
     chunk = chunk or PREFILL_CHUNK
     ids = list(ids)
     start, images_done = 0, 0
     per_image = model.config.mm_tokens_per_image
     while True:
-        if should_stop is not None and should_stop():
-            raise PrefillStopped
         end = chunk_end(ids, start, chunk, image_token)
         n_images = sum(1 for t in ids[start:end] if t == image_token) // per_image
         features = None
@@ -165,9 +177,11 @@ def prefill(model: Model, ids: Sequence[int], cache: list, chunk: int | None = N
         images_done += n_images
         h = model.net.hidden(mx.array(ids[start:end])[None], cache, features, eval_layers=True)
         if end == len(ids):
-            return model.net.logits(h[:, -1, :])[0]
+            yield model.net.logits(h[:, -1, :])[0]
+            return
         mx.eval([c.state for c in cache])
         mx.clear_cache()
+        yield None
         start = end
 
 
