@@ -261,6 +261,9 @@ def serve_command(argv: list[str]) -> int:
                         help="also show the model crops of large or non-square images")
     parser.add_argument("--cors", nargs="+", default=[], metavar="ORIGIN",
                         help="allow browsers on these origins (default: CORS off)")
+    parser.add_argument("--max-batch", type=int, default=None, metavar="N",
+                        help="requests decoded together (continuous batching; default: as "
+                             "many as fit in half the memory the weights leave, at most 16)")
     parser.add_argument("--max-queue", type=int, default=16, metavar="N",
                         help="requests that may wait for the model; more get 429 (default: 16)")
     parser.add_argument("--allow-private-urls", action="store_true",
@@ -278,6 +281,7 @@ def serve_command(argv: list[str]) -> int:
     check_max_context(args.max_context)
     drafting = draft_options(args)
     for name, value in (("--port", args.port), ("--max-queue", args.max_queue),
+                        ("--max-batch", args.max_batch or 1),
                         ("--cache-sessions", args.cache_sessions),
                         ("--max-body-mb", args.max_body_mb)):
         if value < (0 if name == "--max-queue" else 1) or (name == "--port" and value > 65535):
@@ -293,7 +297,8 @@ def serve_command(argv: list[str]) -> int:
 
         draft = load_draft(args.draft_model, model)
     serve(model, host=args.host, port=args.port, draft_model=draft, api_key=args.api_key,
-          cors=args.cors, max_queue=args.max_queue, allow_private_urls=args.allow_private_urls,
+          cors=args.cors, max_queue=args.max_queue, max_batch=args.max_batch,
+          allow_private_urls=args.allow_private_urls,
           max_context=args.max_context, kv_bits=args.kv_bits, pan_and_scan=args.pan_and_scan,
           cache_sessions=args.cache_sessions, cache_bytes=int(args.cache_memory * 2**30),
           max_body_bytes=args.max_body_mb << 20, verbose=args.verbose, **drafting)
