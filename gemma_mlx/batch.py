@@ -113,7 +113,6 @@ class Stream:
     stats: Stats = field(default_factory=Stats)
     tokens: list[int] = field(default_factory=list)
     row: int | None = None  # its row in the batch, once prefilled
-    offset: int = 0  # tokens its cache has read
     finished: str | None = None
     stop_token: int | None = None  # the one that ended it (its cache read it too)
     _pending: mx.array | None = None  # the last token sampled, not yet read
@@ -129,52 +128,85 @@ class Stream:
 
 
 class KVRows:
-    """The batch's KV buffers: each layer's arrays, `rows` deep, in the compiled step's layout
-    (global layers `capacity` slots, sliding layers a ring of `window` slots)."""
+    """The batch's KV buffers, in the compiled step's layout but `rows` deep: global layers
+    `capacity` slots, sliding layers a ring of `window` slots.
+
+    All rows share one timeline: every step writes each row's token at slot `now` (in place,
+    one write for all rows; a ring at now % window), and a row occupies slots start..now-1
+    with its own positions 0..now-start-1. A newcomer of L tokens goes in at start = now - L;
+    when the timeline is shorter than that, the others move along it first. The slots before
+    the earliest start are dropped when the global layers run out of room."""
 
     def __init__(self, model: Model):
         self.cfg = model.config.text
         self.rows = 0
         self.capacity = 0
+        self.now = 0  # the slot of the next write
+        self.starts: list[int | None] = []  # per row: the slot of its first token, or free
         self.buffers: list[list[mx.array]] = []  # per layer: keys, values (or 3 + 3)
         self.quantized: list[tuple[int, int] | None] = []
 
     def _sliding(self, i: int) -> bool:
         return self.cfg.is_sliding(i)
 
-    def put(self, row: int, cache: list) -> None:
-        """Copy a prepared cache (one row) into `row`."""
+    def put(self, row: int, cache: list, length: int) -> None:
+        """Copy a prepared cache of `length` tokens (one row, the compiled layout) into the
+        free `row`."""
         arrays = [_kv_arrays(c) for c in cache]
         if not self.buffers:
             self.quantized = [(c.group_size, c.bits) if isinstance(c, QuantizedKVCache) else None
                               for c in cache]
-            self.buffers = [[mx.zeros((self.rows, *a.shape[1:]), a.dtype) for a in layer]
-                            for layer in arrays]
-            self.capacity = next((a[0].shape[2] for i, a in enumerate(arrays)
-                                  if not self._sliding(i)), 0)
-        needed = next((a[0].shape[2] for i, a in enumerate(arrays) if not self._sliding(i)), 0)
-        self.reserve(needed)
+            self.buffers = [[mx.zeros((self.rows, *a.shape[1:2], 0 if not self._sliding(i)
+                                       else a.shape[2], a.shape[3]), a.dtype) for a in layer]
+                            for i, layer in enumerate(arrays)]
+            self.now = length
+        if length > self.now:
+            self._shift(length - self.now)
+        self.room()
+        start = self.now - length
         for i, layer in enumerate(arrays):
             for j, a in enumerate(layer):
                 buffer = self.buffers[i][j]
-                buffer[row:row + 1, :, :a.shape[2]] = a
+                if self._sliding(i):  # position p at slot (start + p) % window
+                    buffer[row:row + 1] = mx.roll(a, start % a.shape[2], axis=2)
+                else:
+                    buffer[row:row + 1, :, start:self.now] = a[:, :, :length]
                 self.buffers[i][j] = buffer
         for c in cache:  # the row holds them now; `take` gives them back
             _set_kv_arrays(c, [None] * len(_kv_arrays(c)))
+        self.starts[row] = start
 
-    def take(self, row: int, cache: list, offset: int) -> None:
-        """Copy `row` back into a cache's objects (which then hold `offset` tokens)."""
-        for c, layer in zip(cache, self.buffers, strict=True):
-            # A copy, not a view: a view would keep the batch's buffers from being updated
-            # in place (every later step would copy them whole).
-            _set_kv_arrays(c, [a[row:row + 1] * 1 for a in layer])
-            c.offset = offset
+    def length(self, row: int) -> int:
+        return self.now - self.starts[row]
+
+    def take(self, row: int, cache: list) -> None:
+        """Copy `row` back into a cache's objects, in the single-stream layout (position p at
+        slot p, or p % window on a ring), and free it."""
+        start = self.starts[row]
+        length = self.now - start
+        for i, (c, layer) in enumerate(zip(cache, self.buffers, strict=True)):
+            if self._sliding(i):
+                # A copy (roll makes one): a view would keep the batch's buffers from being
+                # updated in place (every later step would copy them whole).
+                arrays = [mx.roll(a[row:row + 1], -(start % a.shape[2]), axis=2) for a in layer]
+            else:
+                arrays = [a[row:row + 1, :, start:self.now] * 1 for a in layer]
+            _set_kv_arrays(c, arrays)
+            c.offset = length
             if isinstance(c, RotatingKVCache):
-                c._idx = offset % c.max_size if offset >= c.max_size else offset
+                c._idx = length % c.max_size if length >= c.max_size else length
         mx.eval([_kv_arrays(c) for c in cache])
+        self.starts[row] = None
 
-    def reserve(self, needed: int) -> None:
-        """Grow the global layers to hold `needed` slots (whole DECODE_CAPACITY_STEPs)."""
+    def room(self) -> None:
+        """Make the global layers hold slot `now`: drop the slots before the earliest start,
+        then grow in whole DECODE_CAPACITY_STEPs."""
+        if self.now < self.capacity:
+            return
+        used = [s for s in self.starts if s is not None]
+        if used and min(used) > 0:
+            self._shift(-min(used))
+        needed = self.now + 1
         if needed <= self.capacity:
             return
         size = -(-needed // DECODE_CAPACITY_STEP) * DECODE_CAPACITY_STEP
@@ -185,15 +217,38 @@ class KVRows:
                     for a in layer]
         self.capacity = size
 
+    def _shift(self, delta: int) -> None:
+        """Move every row `delta` slots along the timeline (left when negative): a copy of the
+        buffers, only when a longer newcomer arrives or the global layers are full."""
+        if delta == 0:
+            return
+        for i, layer in enumerate(self.buffers):
+            if self._sliding(i):
+                self.buffers[i] = [mx.roll(a, delta, axis=2) for a in layer]
+            elif delta > 0:
+                self.buffers[i] = [mx.concatenate([mx.zeros(
+                    (a.shape[0], a.shape[1], delta, a.shape[3]), a.dtype), a], axis=2)
+                    for a in layer]
+            else:
+                self.buffers[i] = [a[:, :, -delta:] for a in layer]
+        if self.buffers:
+            global_layer = next((layer for i, layer in enumerate(self.buffers)
+                                 if not self._sliding(i)), None)
+            self.capacity = global_layer[0].shape[2] if global_layer else 0
+        self.now += delta
+        self.starts = [s + delta if s is not None else None for s in self.starts]
+
     def resize(self, keep: list[int | None], rows: int) -> None:
         """`rows` rows, new row r holding old row keep[r] (None: empty)."""
         if self.buffers:
             self.buffers = [[_gather_rows(a, keep, rows) for a in layer]
                             for layer in self.buffers]
+        self.starts = [self.starts[r] if r is not None else None for r in keep]
+        self.starts += [None] * (rows - len(keep))
         self.rows = rows
 
     def clear(self) -> None:
-        self.buffers, self.rows, self.capacity = [], 0, 0
+        self.buffers, self.rows, self.capacity, self.now, self.starts = [], 0, 0, 0, []
 
     @property
     def nbytes(self) -> int:
@@ -303,27 +358,24 @@ class Batch:
     # ---- the steps ------------------------------------------------------------------------
 
     def _forward(self, running: list[Stream]) -> mx.array:
-        """Queue the batched step: each row's pending token at its offset."""
-        B = self.kv.rows
-        tokens = [mx.zeros((1,), mx.uint32)] * B
-        offsets = [0] * B
+        """Queue the batched step: each row's pending token, at the timeline's slot."""
+        kv = self.kv
+        kv.room()
+        tokens = [mx.zeros((1,), mx.uint32)] * kv.rows
         for s in running:
             tokens[s.row] = s._pending.astype(mx.uint32)
-            offsets[s.row] = s.offset
-        self.kv.reserve(max(offsets) + 1)
-        self.program.set_quantized(self.kv.quantized)
-        buffers = [a for layer in self.kv.buffers for a in layer]
-        self.kv.buffers = []
-        logits, new = self.program.step_rows(mx.concatenate(tokens),
-                                             mx.array(offsets, dtype=mx.int32), buffers)
-        del buffers
+        starts = mx.array([s if s is not None else kv.now for s in kv.starts], dtype=mx.int32)
+        self.program.set_quantized(kv.quantized)
+        buffers = [a for layer in kv.buffers for a in layer]
+        kv.buffers = []
+        logits, new = self.program.step_rows(mx.concatenate(tokens), kv.now, starts, buffers)
+        del buffers  # the old buffers are the step's alone now: updated in place
         start = 0
-        for layer_kinds in self.kv.quantized:
+        for layer_kinds in kv.quantized:
             n = 6 if layer_kinds else 2
-            self.kv.buffers.append(new[start:start + n])
+            kv.buffers.append(new[start:start + n])
             start += n
-        for s in running:
-            s.offset += 1
+        kv.now += 1
         mx.async_eval(logits)
         return logits
 
@@ -358,7 +410,6 @@ class Batch:
         if logits is None:
             return  # more chunks to go
         self.prefilling.pop(0)
-        stream.offset = len(stream.prompt.ids)
         first = self._sample_one(stream, logits)
         mx.eval(first)
         stream._pending = first
@@ -378,7 +429,7 @@ class Batch:
             free = [r for r, s in enumerate(self.rows) if s is None]
         stream.row = free[0]
         self.rows[stream.row] = stream
-        self.kv.put(stream.row, stream.session.cache)
+        self.kv.put(stream.row, stream.session.cache, len(stream.prompt.ids))
 
     def _read(self, stream: Stream, token: int, out: list) -> None:
         """The stream's last sampled token, read: a chunk, or its end."""
@@ -428,7 +479,7 @@ class Batch:
 
     def _leave(self, stream: Stream) -> None:
         """Back into its session's cache, its row freed."""
-        self.kv.take(stream.row, stream.session.cache, stream.offset)
+        self.kv.take(stream.row, stream.session.cache)
         self.rows[stream.row] = None
         stream.row = None
         stream.session.record(stream.prompt.ids, stream.tokens, stream.stop_token)

@@ -68,6 +68,31 @@ def test_greedy_in_a_batch_equals_solo_with_mixed_lengths_and_late_joiners(model
     assert batch.idle and batch.kv.rows == 0  # every row freed, the buffers gone
 
 
+def test_the_timeline_moves_and_compacts_as_streams_come_and_go(model, monkeypatch):
+    """A small capacity step: the global layers fill up, the slots before the earliest start
+    are dropped and they grow; longer newcomers move the others along the timeline."""
+    from gemma_mlx import batch as batch_module
+
+    monkeypatch.setattr(batch_module, "DECODE_CAPACITY_STEP", 16)
+    plan = [(PROMPTS[0], 40, 0), (PROMPTS[3], 10, 3), (PROMPTS[2], 30, 20), (PROMPTS[1], 20, 45)]
+    expected = [solo(model, p, temp=0, max_tokens=n) for p, n, _ in plan]
+    streams = [Stream(Prompt(prompt_ids(model, p, raw=True)), SamplingSettings(temp=0,
+                                                                               max_tokens=n),
+                      Session(model)) for p, n, _ in plan]
+    batch = Batch(model, max_batch=4)
+    shifts = []
+    real = batch.kv._shift
+
+    def recording(delta):
+        shifts.append(delta)
+        real(delta)
+
+    batch.kv._shift = recording
+    results = run(batch, streams, join_at={i: at for i, (_, _, at) in enumerate(plan)})
+    assert [results[i][0] for i in range(4)] == expected
+    assert any(d > 0 for d in shifts) and any(d < 0 for d in shifts)
+
+
 def test_rows_grow_and_shrink_and_each_session_keeps_its_cache(model):
     lengths = (5, 10, 15, 30)
     expected = [solo(model, p, temp=0, max_tokens=n) for p, n in zip(PROMPTS, lengths,

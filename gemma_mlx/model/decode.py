@@ -102,6 +102,7 @@ class CompiledDecode:
         self._fn = mx.compile(self._step)
         self._offset: mx.array | None = None
         self._offset_value = -1
+        self._start = mx.zeros((1,), mx.int32)  # the single stream starts at slot 0
         self._quantized: list[tuple[int, int] | None] = []  # per layer: (group, bits) or None
 
     @staticmethod
@@ -133,18 +134,19 @@ class CompiledDecode:
                 _reserve(c, c.offset + 1)
 
     def step(self, token: mx.array, cache: list) -> mx.array:
-        """Feed one token (shape [1]) at the caches' offset; return the logits [vocab]."""
+        """Feed one token (shape [1]) at the caches' offset; return the logits [vocab]. The
+        one-row case of `step_rows`: the row starts at slot 0 of a timeline at its offset."""
         offset = cache[0].offset
         for i, c in enumerate(cache):
             if not self.cfg.is_sliding(i) and offset + 1 > _kv_arrays(c)[0].shape[2]:
                 _reserve(c, offset + 1)  # a new shape: the step is traced again, rarely
         if self._offset is None or self._offset_value != offset:
-            self._offset = mx.array([offset], dtype=mx.int32)
+            self._offset = mx.array(offset, dtype=mx.int32)
         # Read when tracing; a quantized cache's buffers have other shapes, so another trace.
         self._quantized = [(c.group_size, c.bits) if isinstance(c, QuantizedKVCache) else None
                            for c in cache]
         buffers = [a for c in cache for a in _kv_arrays(c)]
-        self._offset, logits, *new = self._fn(token, self._offset, *buffers)
+        self._offset, logits, *new = self._fn(token, self._offset, self._start, *buffers)
         logits = logits[0]
         del buffers  # the caches' references go next: the old buffers become donatable
         self._offset_value = offset + 1
@@ -158,16 +160,16 @@ class CompiledDecode:
                 c._idx = c.offset % c.max_size if c.offset >= c.max_size else c.offset
         return logits
 
-    # ---- the traced function ----------------------------------------------------------------
-
-    def step_rows(self, tokens: mx.array, offsets: mx.array,
+    def step_rows(self, tokens: mx.array, now: int, starts: mx.array,
                   buffers: list[mx.array]) -> tuple[mx.array, list[mx.array]]:
-        """One token for each of B rows (continuous batching): `tokens` [B] at `offsets` [B]
-        (int32), over buffers laid out as the caches' but B rows deep ([B, kv heads, slots,
-        head dim] per array, rings for the sliding layers). Returns the logits [B, vocab] and
-        the new buffers, which replace the old ones before anything is evaluated. Every row
-        is computed: a free row has offset 0 and is ignored by its caller."""
-        _, logits, *new = self._fn(tokens, offsets, *buffers)
+        """One token for each of B rows (continuous batching) on a shared timeline: every row
+        writes at slot `now` of the global layers and `now % window` of the rings (one
+        in-place write for all rows), and row b, whose first token went to slot starts[b], is
+        at position now - starts[b]. `tokens` [B]; buffers laid out as the caches' but B rows
+        deep ([B, kv heads, slots, head dim] per array). Returns the logits [B, vocab] and the
+        new buffers, which replace the old ones before anything is evaluated. Every row is
+        computed: a free row (start = now) is ignored by its caller."""
+        _, logits, *new = self._fn(tokens, mx.array(now, dtype=mx.int32), starts, *buffers)
         return logits, new
 
     def set_quantized(self, quantized: list[tuple[int, int] | None]) -> None:
@@ -176,22 +178,25 @@ class CompiledDecode:
 
     # ---- the traced function ----------------------------------------------------------------
 
-    def _step(self, tokens: mx.array, offsets: mx.array, *buffers: mx.array) -> tuple:
-        """B rows, each at its own offset. One row writes with slice_update (in place, as the
-        single-stream step always did); several with put_along_axis (one scatter per array)."""
+    def _step(self, tokens: mx.array, now: mx.array, starts: mx.array,
+              *buffers: mx.array) -> tuple:
+        """B rows on one timeline: writes at slot `now` (in place), positions now - starts."""
         d, eps, head_dim = self.decoder, self.eps, self.cfg.head_dim
         B = tokens.shape[0]
         h = d.embed(tokens.reshape(B, 1))
-        masks: dict[int, mx.array] = {}
+        positions = now - starts  # [B]
+        masks: dict[tuple[int, bool], mx.array] = {}
         out: list[mx.array] = []
         for i, layer in enumerate(d.layers):
             quantized = self._quantized[i]
             n = 6 if quantized else 2  # keys and values, or their (packed, scales, biases)
             parts, buffers = buffers[:n], buffers[n:]
             size = parts[0].shape[2]
-            if size not in masks:  # the slots written so far, this token's included
-                masks[size] = (mx.arange(size)[None] <= offsets[:, None]).reshape(B, 1, 1, size)
-            slots = offsets % size if self.cfg.is_sliding(i) else offsets
+            sliding = self.cfg.is_sliding(i)
+            if (size, sliding) not in masks:
+                masks[size, sliding] = _row_mask(now, starts, size, sliding)
+            mask = masks[size, sliding]
+            slot = (now % size if sliding else now).reshape(1)
             s_in, s_q, s_k, s_attn, s_pre, s_post = self.scales[i]
             attn = layer.self_attn
             q, k, v = self._project(i, mx.fast.rms_norm(h, s_in, eps))
@@ -199,28 +204,28 @@ class CompiledDecode:
             q = q.reshape(B, attn.n_heads, 1, head_dim)
             k = k.reshape(B, attn.n_kv_heads, 1, head_dim)
             v = v.reshape(B, attn.n_kv_heads, 1, head_dim)
-            q = attn.rope(mx.fast.rms_norm(q, s_q, eps), offset=offsets)
-            k = attn.rope(mx.fast.rms_norm(k, s_k, eps), offset=offsets)
+            q = attn.rope(mx.fast.rms_norm(q, s_q, eps), offset=positions)
+            k = attn.rope(mx.fast.rms_norm(k, s_k, eps), offset=positions)
             if quantized is None:
-                keys, values = (_write(buffer, x.astype(buffer.dtype), slots)
+                keys, values = (mx.slice_update(buffer, x.astype(buffer.dtype), slot, axes=(2,))
                                 for buffer, x in zip(parts, (k, v), strict=True))
                 o = mx.fast.scaled_dot_product_attention(q, keys, values, scale=attn.scale,
-                                                         mask=masks[size])
+                                                         mask=mask)
                 out += [keys, values]
             else:
                 group, bits = quantized
-                new = [_write(buffer, x, slots) for buffer, x in zip(
+                new = [mx.slice_update(buffer, x, slot, axes=(2,)) for buffer, x in zip(
                     parts, (*mx.quantize(k.astype(parts[1].dtype), group, bits),
                             *mx.quantize(v.astype(parts[4].dtype), group, bits)), strict=True)]
                 o = quantized_scaled_dot_product_attention(
-                    q, new[:3], new[3:], scale=attn.scale, mask=masks[size], group_size=group,
+                    q, new[:3], new[3:], scale=attn.scale, mask=mask, group_size=group,
                     bits=bits)
                 out += new
             h = h + mx.fast.rms_norm(attn.o_proj(o.reshape(B, 1, -1)), s_attn, eps)
             x = mx.fast.rms_norm(h, s_pre, eps)
             h = h + mx.fast.rms_norm(self._mlp(i, x), s_post, eps)
         logits = d.logits(mx.fast.rms_norm(h, self.final_scale, eps))
-        return (offsets + 1, logits[:, 0], *out)
+        return (now + 1, logits[:, 0], *out)
 
     def _project(self, i: int, x: mx.array) -> list[mx.array]:
         """q, k and v of one block."""
@@ -231,12 +236,18 @@ class CompiledDecode:
         return self.decoder.layers[i].mlp.down_proj(nn.gelu_approx(gate) * up)
 
 
-def _write(buffer: mx.array, x: mx.array, slots: mx.array) -> mx.array:
-    """`x` [B, heads, 1, d] into `buffer` [B, heads, slots, d] at each row's slot."""
-    if buffer.shape[0] == 1:
-        return mx.slice_update(buffer, x, slots.reshape(1), axes=(2,))
-    index = mx.broadcast_to(slots.reshape(-1, 1, 1, 1), x.shape)
-    return mx.put_along_axis(buffer, index, x, axis=2)
+def _row_mask(now: mx.array, starts: mx.array, size: int, sliding: bool) -> mx.array:
+    """[B, 1, 1, size]: the slots each row may attend to, this step's included. Global
+    layers: slots starts[b]..now. A ring of `size` slots holds timeline step
+    now - ((now - s) mod size) in slot s: the last `size` steps (the window); row b sees those
+    from its start on."""
+    slots = mx.arange(size)[None]
+    if sliding:
+        written = now - ((now - slots) % size)
+        allowed = written >= starts[:, None]
+    else:
+        allowed = (slots >= starts[:, None]) & (slots <= now)
+    return allowed.reshape(starts.shape[0], 1, 1, size)
 
 
 def _apply_fused(groups: list[tuple[nn.Module, list[int]]], x: mx.array) -> list[mx.array]:
