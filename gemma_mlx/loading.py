@@ -144,19 +144,25 @@ def load_net(path: Path, quantize: QuantizeSpec | None = None, dtype: str | None
              name: str | None = None) -> tuple[Gemma3, dict | None]:
     """Build the network from a folder; returns it with its quantization settings. `dtype` is
     the floats' dtype: None for the compute dtype (`compute_dtype`), STORED to keep the files'.
+    A model on the Q4_0 grid computes in float32 unless told otherwise, on a GPU too: its
+    float16 scales do not fit bfloat16, and mixed dtypes would be promoted at every step.
     `name` is what the user called the model (a repo id marks a QAT checkpoint)."""
     raw_config = read_config(path)
     config = ModelConfig.from_dict(raw_config)
     weights = sanitize(read_weights(path))
     net = Gemma3(config)
     quantization = raw_config.get("quantization") or raw_config.get("quantization_config")
+    spec = None
     if any(k.endswith(".scales") for k in weights):
         quantization = _quantize_like_checkpoint(net, weights, quantization or {})
+        on_grid = quantization.get("rule") == qat.RULE
     else:
         quantization = None
-    dtype = dtype or compute_dtype()
+        if quantize is not None:
+            spec = _resolve_spec(quantize, name, path, raw_config)
+        on_grid = spec is not None and spec.q4_0
+    dtype = dtype or compute_dtype() or ("float32" if on_grid else None)
     if dtype != STORED and dtype is not None:
-        on_grid = bool(quantization) and quantization.get("rule") == qat.RULE
         weights = _cast(weights, DTYPES[dtype], keep_scales=on_grid)
     try:
         net.load_weights(list(weights.items()), strict=True)
@@ -164,23 +170,28 @@ def load_net(path: Path, quantize: QuantizeSpec | None = None, dtype: str | None
         raise BadCheckpoint(f"{path}: weights do not match a Gemma 3 of this config "
                             f"({str(e).splitlines()[0]})") from e
     weights.clear()  # the modules hold the arrays: quantizing frees each float layer in turn
-    if quantization is not None:
-        if quantize is not None and quantize.q4_0 and not qat.on_q4_0_grid(net):
-            raise BadRequest(f"{name or path} is already quantized "
-                             f"({quantization.get('bits')}-bit g{quantization.get('group_size')}"
-                             "), not on the Q4_0 grid, so --qat / qat=True cannot hold: use a "
-                             "*-qat alias (Google's Q4_0 GGUF) or the unquantized "
-                             "google/gemma-3-*-it-qat-q4_0-unquantized checkpoint")
-    elif quantize is not None:
-        marked = qat.is_q4_0_qat(name, path, raw_config)
-        spec = quantize.resolved(marked)
-        if spec.q4_0 and quantize.q4_0 is None:
-            qat.note(f"{name or path.name} is a QAT checkpoint for Q4_0: quantizing it with "
-                     "llama.cpp's Q4_0 rule (4 bits, groups of 32), the grid it was trained "
-                     "for; --no-qat (qat=False) uses MLX's own rule")
+    if quantization is not None and quantize is not None and quantize.q4_0 \
+            and not qat.on_q4_0_grid(net):
+        raise BadRequest(f"{name or path} is already quantized "
+                         f"({quantization.get('bits')}-bit g{quantization.get('group_size')}), "
+                         "not on the Q4_0 grid, so --qat / qat=True cannot hold: use a *-qat "
+                         "alias (Google's Q4_0 GGUF) or the unquantized "
+                         "google/gemma-3-*-it-qat-q4_0-unquantized checkpoint")
+    if spec is not None:
         quantization = quantize_text_decoder(net, spec)
     mx.eval(net.parameters())
     return net, quantization
+
+
+def _resolve_spec(quantize: QuantizeSpec, name: str | None, path: Path,
+                  raw_config: dict[str, Any]) -> QuantizeSpec:
+    """The settings for an unquantized checkpoint, and the note when QAT chose the Q4_0 rule."""
+    spec = quantize.resolved(qat.is_q4_0_qat(name, path, raw_config))
+    if spec.q4_0 and quantize.q4_0 is None:
+        qat.note(f"{name or path.name} is a QAT checkpoint for Q4_0: quantizing it with "
+                 "llama.cpp's Q4_0 rule (4 bits, groups of 32), the grid it was trained for; "
+                 "--no-qat (qat=False) uses MLX's own rule")
+    return spec
 
 
 def compute_dtype() -> str | None:

@@ -279,6 +279,21 @@ def test_convert_qat_writes_the_grid_in_float16_scales(plain, tmp_path, capsys):
     assert mx.allclose(ours(IDS), reference(IDS), atol=1e-3, rtol=1e-3)
     # and with qat=True, a folder on the grid loads as it is
     assert gemma_mlx.load(str(out), qat=True).quantization["rule"] == "q4_0"
+    # a bfloat16 load keeps the grid's float16 scales (bfloat16 would round them)
+    half = gemma_mlx.load(str(out), dtype="bfloat16").net.decoder.layers[0].self_attn.q_proj
+    assert half.scales.dtype == half.biases.dtype == mx.float16
+
+
+def test_the_grid_computes_in_float32_where_the_stored_dtype_would_be_kept(monkeypatch, plain):
+    """On a GPU the compute dtype is the checkpoint's (bfloat16 here): not for the Q4_0 grid,
+    whose float16 scales would otherwise meet bfloat16 activations at every step."""
+    from gemma_mlx import loading
+
+    monkeypatch.setattr(loading, "compute_dtype", lambda: None)
+    grid = gemma_mlx.load(str(plain), qat=True).net.decoder
+    assert grid.embed_tokens.weight.dtype == grid.layers[0].mlp.up_proj.scales.dtype == mx.float32
+    affine = gemma_mlx.load(str(plain)).net.decoder
+    assert affine.layers[0].mlp.up_proj.scales.dtype == mx.bfloat16
 
 
 def test_convert_chooses_the_rule_for_a_marked_checkpoint(marked, tmp_path, capsys):
