@@ -94,7 +94,7 @@ def download(repo_id: str, progress: Callable | None = None,
     except GatedRepoError as e:
         raise ModelNotFound(gated_message(repo_id)) from e
     except RepositoryNotFoundError as e:
-        if repo_id in GATED_REPOS:  # the Hub answers 401 "not found" to anonymous requests
+        if is_gated(repo_id):  # the Hub answers 401 "not found" to anonymous requests
             raise ModelNotFound(gated_message(repo_id)) from e
         raise ModelNotFound(f"no Hub repo named {repo_id}: check the spelling, or log in with "
                             "`hf auth login` if it is private") from e
@@ -104,13 +104,15 @@ def download(repo_id: str, progress: Callable | None = None,
                             "or a .gguf file") from e
     except (HfHubHTTPError, OSError) as e:
         status = getattr(getattr(e, "response", None), "status_code", None)
-        if repo_id in GATED_REPOS and status in (401, 403):
+        if is_gated(repo_id) and status in (401, 403):
             raise ModelNotFound(gated_message(repo_id)) from e
         raise ModelNotFound(f"could not download {repo_id} ({_first_line(e)}): check the "
                             "connection, or pass a local folder or a .gguf file") from e
 
 
-GATED_REPOS = {repo for repo, _, _ in QAT_GGUFS.values()}
+def is_gated(repo_id: str) -> bool:
+    """Google's Gemma repos (the QAT GGUFs, the *-qat-q4_0-unquantized checkpoints) are gated."""
+    return repo_id.lower().startswith("google/gemma")
 
 
 def gated_message(repo_id: str) -> str:

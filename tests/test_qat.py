@@ -451,13 +451,20 @@ def test_gated_repo_says_what_to_do(monkeypatch, capsys, token, status, fragment
     one_line_error(capsys, ["-m", "12b-qat", "Hello"], repo, "is gated", fragment)
 
 
-def test_anonymous_not_found_on_a_gated_repo_is_the_gated_message(monkeypatch):
-    """Some Hub answers to anonymous requests are a 401 'repository not found'."""
+@pytest.mark.parametrize("name,repo,message", [
+    ("1b-qat", "google/gemma-3-1b-it-qat-q4_0-gguf", "gated: log in with `hf auth login`"),
+    ("google/gemma-3-4b-it-qat-q4_0-unquantized", "google/gemma-3-4b-it-qat-q4_0-unquantized",
+     "gated: log in with `hf auth login`"),
+    ("acme/no-such-model", "acme/no-such-model", "no Hub repo named acme/no-such-model"),
+])
+def test_anonymous_not_found_on_a_gated_repo_is_the_gated_message(monkeypatch, name, repo,
+                                                                   message):
+    """The Hub answers anonymous requests for a gated repo with a 401 'repository not found':
+    for Google's Gemma repos that means the gate."""
     import httpx2
     import huggingface_hub
     from huggingface_hub.errors import RepositoryNotFoundError
 
-    repo = hub.QAT_GGUFS["1b-qat"][0]
     response = httpx2.Response(401, request=httpx2.Request(
         "GET", f"https://huggingface.co/api/models/{repo}/revision/main"))
 
@@ -466,8 +473,8 @@ def test_anonymous_not_found_on_a_gated_repo_is_the_gated_message(monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
-    with pytest.raises(ModelNotFound, match="gated: log in with `hf auth login`"):
-        gemma_mlx.load("1b-qat")
+    with pytest.raises(ModelNotFound, match=message):
+        gemma_mlx.load(name)
 
 
 def test_qat_alias_repo_and_file_names():
