@@ -182,10 +182,15 @@ def convert_command(argv: list[str]) -> int:
                     "checkpoint folder, a Hub repo or a GGUF file.")
     parser.add_argument("source", help="checkpoint folder, Hub repo id, alias or .gguf file")
     parser.add_argument("--out", "-o", required=True, help="the folder to write")
-    parser.add_argument("--bits", type=int, choices=(4, 8), default=4,
+    parser.add_argument("--bits", type=int, choices=(4, 8), default=None,
                         help="quantization bits for unquantized checkpoints (default: 4)")
-    parser.add_argument("--group-size", type=int, choices=(32, 64), default=64,
-                        help="quantization group size (default: 64)")
+    parser.add_argument("--group-size", type=int, choices=(32, 64), default=None,
+                        help="quantization group size (default: 64; 32 with --qat)")
+    parser.add_argument("--qat", action=argparse.BooleanOptionalAction, default=None,
+                        help="quantize with llama.cpp's Q4_0 rule (4 bits, groups of 32), the "
+                             "grid Google's QAT checkpoints were trained for; the embedding stays "
+                             "unquantized, as in Google's QAT GGUFs (default: for checkpoints "
+                             "marked *-qat-q4_0-*, with a note; --no-qat: MLX's own rule)")
     parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None,
                         help="dtype of the unquantized tensors (default: as stored)")
     parser.add_argument("--no-quantize", action="store_true",
@@ -196,7 +201,8 @@ def convert_command(argv: list[str]) -> int:
     from .convert import convert
 
     out = convert(args.source, args.out, bits=args.bits, group_size=args.group_size,
-                  dtype=args.dtype, quantize=not args.no_quantize, mmproj=args.mmproj)
+                  dtype=args.dtype, quantize=not args.no_quantize, mmproj=args.mmproj,
+                  qat=args.qat)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 
