@@ -268,15 +268,19 @@ class Batch:
     finish_reason, exactly as `engine.stream_tokens` yields them."""
 
     def __init__(self, model: Model, max_batch: int = 8, prefill_chunk: int | None = None,
-                 stop_ids: set[int] | None = None):
+                 stop_ids: set[int] | None = None, dense_weights: bool = False):
         """`stop_ids`: the tokens that end a reply (the model's <eos> and <end_of_turn> unless
-        given; benchmarks give none, so every stream runs its length)."""
+        given; benchmarks give none, so every stream runs its length). `dense_weights`: steps
+        of several rows run over dense copies of the quantized weights (more memory; faster
+        where a quantized matmul's cost grows with its rows, as on an H200; see
+        `CompiledDecode.densified`)."""
         if max_batch < 1:
             raise BadRequest(f"the batch must hold at least one stream (got {max_batch})")
         self.model = model
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk or BATCH_PREFILL_CHUNK
         self.program = decode_program(model.net.decoder)
+        self.dense = decode_program(model.net.decoder, dense=True) if dense_weights else None
         self.kv = KVRows(model)
         self.rows: list[Stream | None] = []  # by row
         self.prefilling: list[Stream] = []  # in arrival order; the first one advances
@@ -365,10 +369,11 @@ class Batch:
         for s in running:
             tokens[s.row] = s._pending.astype(mx.uint32)
         starts = mx.array([s if s is not None else kv.now for s in kv.starts], dtype=mx.int32)
-        self.program.set_quantized(kv.quantized)
+        program = self.dense if self.dense is not None and kv.rows > 1 else self.program
+        program.set_quantized(kv.quantized)
         buffers = [a for layer in kv.buffers for a in layer]
         kv.buffers = []
-        logits, new = self.program.step_rows(mx.concatenate(tokens), kv.now, starts, buffers)
+        logits, new = program.step_rows(mx.concatenate(tokens), kv.now, starts, buffers)
         del buffers  # the old buffers are the step's alone now: updated in place
         start = 0
         for layer_kinds in kv.quantized:

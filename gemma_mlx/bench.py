@@ -573,6 +573,9 @@ def parser() -> argparse.ArgumentParser:
                    help="continuous batching: N streams at once (e.g. 1,4,8,16), each with "
                         "one --prompt-tokens length; aggregate and per-stream decode tok/s, "
                         "time to first token p50/p95, peak memory")
+    p.add_argument("--dense-batch", action="store_true",
+                   help="with --concurrency: batches of several streams step over dense copies "
+                        "of the quantized weights (more memory)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead")
     return p
 
@@ -711,12 +714,13 @@ def concurrency_bench(args: argparse.Namespace, lengths: list[int], out: Any, er
 
     with wired_limit(model.net):
         results = cb.measure(model, peer, counts, lengths[0], args.gen_tokens, args.repeats,
-                             lambda line: print(line, file=err, flush=True))
+                             lambda line: print(line, file=err, flush=True), args.dense_batch)
     report = {"model": model.description, "device": str(mx.default_device()),
               "dtype": _float_dtype(model.net), "mlx": mx.__version__,
               "mlx_lm": mlx_lm.__version__, "prompt_tokens": lengths[0],
               "gen_tokens": args.gen_tokens, "repeats": args.repeats,
-              "peer": peer.name if peer else None, "concurrency": results}
+              "dense_batch": args.dense_batch, "peer": peer.name if peer else None,
+              "concurrency": results}
     print(json.dumps(report) if args.json else cb.table(report), file=out)
     return 0
 

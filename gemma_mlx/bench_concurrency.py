@@ -62,13 +62,15 @@ def figures(first: list[float], last: list[float], counts: list[int],
 class OursBatched:
     name = "gemma-mlx"
 
-    def __init__(self, model: Model):
+    def __init__(self, model: Model, dense_weights: bool = False):
         self.model = model
+        self.dense_weights = dense_weights
 
     def run(self, prompts: list[list[int]], gen_tokens: int) -> dict[str, float]:
         mx.clear_cache()
         mx.reset_peak_memory()
-        batch = Batch(self.model, max_batch=len(prompts), stop_ids=set())
+        batch = Batch(self.model, max_batch=len(prompts), stop_ids=set(),
+                      dense_weights=self.dense_weights)
         settings = SamplingSettings(temp=0, max_tokens=gen_tokens)
         streams = [Stream(Prompt(p), settings, Session(self.model)) for p in prompts]
         first: dict[int, float] = {}
@@ -128,11 +130,12 @@ class MlxLmBatched:
 
 
 def measure(model: Model, peer: Any, stream_counts: list[int], prompt_tokens: int,
-            gen_tokens: int, repeats: int, progress: Any) -> list[dict]:
+            gen_tokens: int, repeats: int, progress: Any,
+            dense_weights: bool = False) -> list[dict]:
     from .bench import prompt_ids
 
     vocab = model.config.text.vocab_size
-    ours = OursBatched(model)
+    ours = OursBatched(model, dense_weights)
     results = []
     for n in stream_counts:
         prompts = [prompt_ids(prompt_tokens, vocab, seed=i) for i in range(n)]

@@ -270,6 +270,10 @@ def serve_command(argv: list[str]) -> int:
     parser.add_argument("--max-batch", type=int, default=None, metavar="N",
                         help="requests decoded together (continuous batching; default: as "
                              "many as fit in half the memory the weights leave, at most 16)")
+    parser.add_argument("--dense-batch", action="store_true",
+                        help="batches of several requests step over dense copies of the "
+                             "quantized weights: more memory (a 4B: ~8 GB more), faster where "
+                             "quantized matmuls of several rows are slow (NVIDIA GPUs)")
     parser.add_argument("--max-queue", type=int, default=16, metavar="N",
                         help="requests that may wait for the model; more get 429 (default: 16)")
     parser.add_argument("--allow-private-urls", action="store_true",
@@ -304,6 +308,7 @@ def serve_command(argv: list[str]) -> int:
         draft = load_draft(args.draft_model, model)
     serve(model, host=args.host, port=args.port, draft_model=draft, api_key=args.api_key,
           cors=args.cors, max_queue=args.max_queue, max_batch=args.max_batch,
+          dense_batch=args.dense_batch,
           allow_private_urls=args.allow_private_urls,
           max_context=args.max_context, kv_bits=args.kv_bits, pan_and_scan=args.pan_and_scan,
           cache_sessions=args.cache_sessions, cache_bytes=int(args.cache_memory * 2**30),

@@ -34,16 +34,22 @@ def compiled_decode(decoder: TextDecoder, cache: list) -> CompiledDecode | None:
     return fast
 
 
-def decode_program(decoder: TextDecoder) -> CompiledDecode:
+def decode_program(decoder: TextDecoder, dense: bool = False) -> CompiledDecode:
     """The decoder's CompiledDecode, made on first use and again after its weights were
     replaced. Making it fuses the q/k/v and gate/up weights in place (see there). It is kept
     in the decoder's instance dict (a plain attribute, not a parameter), so it lives and dies
-    with the decoder; text.py never reads it."""
+    with the decoder; text.py never reads it. `dense`: the same step over the quantized
+    weights dequantized to the compute dtype (`CompiledDecode.densified`)."""
     fast = decoder.__dict__.get(_PROGRAM)
     if fast is None or not fast.current():
         fast = CompiledDecode(decoder)
         decoder.__dict__[_PROGRAM] = fast
-    return fast
+        decoder.__dict__.pop(_DENSE_PROGRAM, None)
+    if not dense:
+        return fast
+    if _DENSE_PROGRAM not in decoder.__dict__:
+        decoder.__dict__[_DENSE_PROGRAM] = fast.densified()
+    return decoder.__dict__[_DENSE_PROGRAM]
 
 
 def release_program(decoder: TextDecoder) -> None:
@@ -51,9 +57,11 @@ def release_program(decoder: TextDecoder) -> None:
     releases it before it ends: MLX aborts the process at exit over a compiled function that
     outlives the thread that traced it."""
     decoder.__dict__.pop(_PROGRAM, None)
+    decoder.__dict__.pop(_DENSE_PROGRAM, None)
 
 
 _PROGRAM = "_compiled_decode"  # decode_program's slot in a decoder's instance dict
+_DENSE_PROGRAM = "_compiled_decode_dense"
 
 
 class CompiledDecode:
@@ -98,6 +106,9 @@ class CompiledDecode:
                                 b.post_feedforward_layernorm)]
             for b in decoder.layers]
         self.final_scale = scale(decoder.norm)
+        self.o_proj = [b.self_attn.o_proj for b in decoder.layers]
+        self.down_proj = [b.mlp.down_proj for b in decoder.layers]
+        self.head = decoder.logits
         mx.eval(self.scales, self.final_scale)
         self._fn = mx.compile(self._step)
         self._offset: mx.array | None = None
@@ -221,10 +232,10 @@ class CompiledDecode:
                     q, new[:3], new[3:], scale=attn.scale, mask=mask, group_size=group,
                     bits=bits)
                 out += new
-            h = h + mx.fast.rms_norm(attn.o_proj(o.reshape(B, 1, -1)), s_attn, eps)
+            h = h + mx.fast.rms_norm(self.o_proj[i](o.reshape(B, 1, -1)), s_attn, eps)
             x = mx.fast.rms_norm(h, s_pre, eps)
             h = h + mx.fast.rms_norm(self._mlp(i, x), s_post, eps)
-        logits = d.logits(mx.fast.rms_norm(h, self.final_scale, eps))
+        logits = self.head(mx.fast.rms_norm(h, self.final_scale, eps))
         return (now + 1, logits[:, 0], *out)
 
     def _project(self, i: int, x: mx.array) -> list[mx.array]:
@@ -233,7 +244,29 @@ class CompiledDecode:
 
     def _mlp(self, i: int, x: mx.array) -> mx.array:
         gate, up = _apply_fused(self.gate_up[i], x)
-        return self.decoder.layers[i].mlp.down_proj(nn.gelu_approx(gate) * up)
+        return self.down_proj[i](nn.gelu_approx(gate) * up)
+
+    def densified(self) -> CompiledDecode:
+        """This step over dense copies of the quantized weights, in the compute dtype: more
+        memory (a 4B: about 8 GB beside its 2.5), for a step whose cost grows less with the
+        rows. Measured on an H200 through MLX's CUDA backend, a 4-bit matmul of 8 or 16 rows
+        cost 2.4-5x one row and a bfloat16 one 1.5x (benchmarks/batch_levers.py), so batches
+        of several rows run faster dense there; one row runs the quantized step."""
+        import copy
+
+        dense = copy.copy(self)
+        dense.qkv = [[(_dense(m), rows) for m, rows in group] for group in self.qkv]
+        dense.gate_up = [[(_dense(m), rows) for m, rows in group] for group in self.gate_up]
+        dense.o_proj = [_dense(m) for m in self.o_proj]
+        dense.down_proj = [_dense(m) for m in self.down_proj]
+        embed = self.decoder.embed_tokens
+        if isinstance(embed, nn.QuantizedEmbedding):
+            table = _dequantized(embed)
+            dense.head = lambda h: h @ table.T
+        mx.eval([[m.parameters() for m, _ in g] for g in dense.qkv + dense.gate_up],
+                [m.parameters() for m in dense.o_proj + dense.down_proj])
+        dense._fn = mx.compile(dense._step)
+        return dense
 
 
 def _row_mask(now: mx.array, starts: mx.array, size: int, sliding: bool) -> mx.array:
@@ -248,6 +281,23 @@ def _row_mask(now: mx.array, starts: mx.array, size: int, sliding: bool) -> mx.a
     else:
         allowed = (slots >= starts[:, None]) & (slots <= now)
     return allowed.reshape(starts.shape[0], 1, 1, size)
+
+
+def _dequantized(m: nn.Module) -> mx.array:
+    return mx.dequantize(m.weight, m.scales, m.get("biases"), group_size=m.group_size,
+                         bits=m.bits, mode=m.mode).astype(m.scales.dtype)
+
+
+def _dense(m: nn.Module) -> nn.Module:
+    """A quantized linear layer as a plain one (others as they are)."""
+    if not isinstance(m, nn.QuantizedLinear):
+        return m
+    weight = _dequantized(m)
+    dense = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in m)
+    dense.weight = weight
+    if "bias" in m:
+        dense.bias = m.bias
+    return dense
 
 
 def _apply_fused(groups: list[tuple[nn.Module, list[int]]], x: mx.array) -> list[mx.array]:

@@ -47,7 +47,7 @@ def create_app(model, options: ServerOptions | None = None, draft_model=None) ->
     max_batch = options.max_batch or default_max_batch(model, limit)
     pool = SessionPool(model, max(options.cache_sessions, max_batch), options.cache_bytes,
                        options.kv_bits, draft_model, options.num_draft_tokens)
-    worker = Worker(pool, options.max_queue, metrics, limit, max_batch)
+    worker = Worker(pool, options.max_queue, metrics, limit, max_batch, options.dense_batch)
     state = ServerState(model, options, worker, metrics, draft_model)
 
     @asynccontextmanager

@@ -69,12 +69,13 @@ class Generation:
 
 class Worker:
     def __init__(self, pool: SessionPool, max_queue: int, metrics: Metrics,
-                 context_limit: int, max_batch: int = 8):
+                 context_limit: int, max_batch: int = 8, dense_batch: bool = False):
         self.pool = pool
         self.max_queue = max_queue
         self.metrics = metrics
         self.context_limit = context_limit
         self.max_batch = 1 if pool.draft_model is not None else max_batch
+        self.dense_batch = dense_batch
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self._running: dict[int, Generation] = {}  # by id of their batch stream
@@ -122,7 +123,9 @@ class Worker:
 
     def _loop(self) -> None:
         model = self.pool.model
-        batch = Batch(model, self.max_batch) if self.pool.draft_model is None else None
+        batch = None
+        if self.pool.draft_model is None:
+            batch = Batch(model, self.max_batch, dense_weights=self.dense_batch)
         try:
             while True:
                 more = self._admit(batch)
