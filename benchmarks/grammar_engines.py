@@ -222,8 +222,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.stub_torch:
         stub_torch()
-    import gemma_mlx.hub
     from transformers import AutoTokenizer
+
+    import gemma_mlx.hub
 
     hf = AutoTokenizer.from_pretrained(gemma_mlx.hub.resolve("270m"))
     report = {"vocab": VOCAB, "engines": []}

@@ -22,6 +22,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
+from .constrain import ReplyFormat
 from .engine import Chunk, SamplingSettings, cache_offset, stream_tokens
 from .errors import BadImage, BadRequest, ContextOverflow
 from .images import ImageSource, image_hash, load_image, pan_and_scan, preprocess
@@ -37,9 +38,20 @@ from .prompt import (
     render_turn,
 )
 from .speculative import DEFAULT_NUM_DRAFT_TOKENS, Draft, check_draft, check_num_draft_tokens
+from .tools import (
+    ContentDelta,
+    ReplyParser,
+    Tool,
+    ToolCall,
+    render_calls,
+    render_definitions,
+    render_results,
+    result_text,
+)
 
 SAVE_FORMAT = 1
 MIN_CONTEXT = 64  # tokens: below this no conversation fits
+MAX_TOOL_ROUNDS = 8  # calls run and answered by Chat before it hands a call back
 FEATURE_CACHE_SIZE = 32  # images whose vision features are kept (about 5 MB each on 4B)
 
 
@@ -59,11 +71,14 @@ class Attachment:
 
 @dataclass
 class Message:
-    role: str  # "user" or "assistant"
-    text: str
+    role: str  # "user", "assistant" or "tool" (a call's result: part of the next user turn)
+    text: str  # a reply's content, without its calls
     images: list[Attachment] = field(default_factory=list)
     token_ids: list[int] | None = None  # a reply's own tokens, replayed exactly
     stopped: bool = False  # a reply cut short (Esc / Ctrl-C / should_stop)
+    tool_calls: list[ToolCall] = field(default_factory=list)  # the calls a reply made
+    tool_call_id: str | None = None  # a result: the call it answers
+    name: str | None = None  # a result: the tool that made it
 
 
 class Chat:
@@ -110,43 +125,83 @@ class Chat:
         self._draft_cache: list | None = None  # the draft model's, and the ids it holds
         self._draft_ids: list[int] = []
         self.last_prefill_tokens = 0  # how many tokens the last turn actually prefilled
+        self._prompted_tools: tuple[Tool, ...] = ()  # the last turn's tools in the prompt
 
     # ---- the public conversation --------------------------------------------------------
 
-    def send(self, text: str, images: Sequence[ImageSource] = (), **overrides: Any) -> str:
-        """Send a message and return the whole reply."""
-        return "".join(chunk.text for chunk in self.stream(text, images, **overrides))
+    def send(self, text: str = "", images: Sequence[ImageSource] = (), **options: Any) -> str:
+        """Send a message and return the whole reply (its content: see `messages[-1]` for the
+        calls of a reply that calls tools). Takes `stream`'s options."""
+        return "".join(chunk.text for chunk in self.stream(text, images, **options))
 
-    def stream(self, text: str, images: Sequence[ImageSource] = (),
-               should_stop: Callable[[], bool] = lambda: False, keep_partial: bool = True,
+    def stream(self, text: str = "", images: Sequence[ImageSource] = (),
+               should_stop: Callable[[], bool] = lambda: False, keep_partial: bool = True, *,
+               tools: Sequence[Tool | dict | Callable] | None = None,
+               tool_choice: str | dict | None = None, parallel_tool_calls: bool = True,
+               json_schema: dict | str | None = None,
+               tool_results: dict[str, Any] | Sequence[tuple[str, Any]] | None = None,
+               max_tool_rounds: int = MAX_TOOL_ROUNDS,
+               approve: Callable[[ToolCall], bool] | None = None,
                **overrides: Any) -> Iterator[Chunk]:
         """Send a message and stream the reply. If it fails before the reply starts, the
         conversation is exactly as it was; a reply cut short is kept, marked `stopped`
-        (or dropped, with `keep_partial=False`)."""
-        if not text.strip() and not images:
+        (or dropped, with `keep_partial=False`).
+
+        `tools` (Python functions or OpenAI-style dicts) go into the prompt and a reply may call
+        them (`tool_choice`: "auto", "required", "none" or a tool's name; the calls always
+        parse and match their schemas); its last chunk and its message carry `tool_calls`.
+        When the called tools are Python functions, Chat runs them (each after `approve(call)`,
+        if given, says yes) and answers with their results, for at most `max_tool_rounds`
+        rounds, streaming every reply until one answers in text. Otherwise, answer the calls
+        with `tool_results` ({call id: result}) in the next `stream`/`send`. `json_schema`
+        constrains the reply to that schema."""
+        fmt = ReplyFormat.of(tools, tool_choice, parallel_tool_calls, json_schema)
+        if max_tool_rounds < 0:
+            raise BadRequest(f"max tool rounds must be 0 or more (got {max_tool_rounds})")
+        results = self._results(tool_results)
+        if not results and not text.strip() and not images:
             raise BadRequest("the message is empty: type something or attach an image")
         if START_OF_IMAGE in text:
             raise BadRequest(f"the message contains the reserved token {START_OF_IMAGE}: "
                              "attach images with images=[...] (or /image) instead")
         attachments = [self._attachment(source) for source in images]
-        history = [*self.messages, Message("user", text, attachments)]
-        yield from self._reply(history, should_stop, keep_partial, overrides)
+        asked = [Message("user", text, attachments)] if text.strip() or images else []
+        history = [*self.messages, *results, *asked]
+        for rounds in range(max_tool_rounds + 1):
+            chunk = None
+            for chunk in self._reply(history, should_stop, keep_partial, overrides, fmt):
+                yield chunk
+            if chunk is None or not chunk.tool_calls or chunk.finish_reason == "cancelled":
+                return
+            answers = self._run_calls(chunk.tool_calls, fmt.tools, approve)
+            if answers is None:  # a tool without a Python function: the caller answers
+                return
+            if rounds == max_tool_rounds:
+                self.notices.append(f"stopped running tools after {max_tool_rounds} rounds: "
+                                    "the last reply's calls are not answered yet")
+                return
+            history = [*self.messages, *answers]
 
     def retry(self, should_stop: Callable[[], bool] = lambda: False, keep_partial: bool = True,
-              **overrides: Any) -> Iterator[Chunk]:
-        """Generate the last reply again (a new sample)."""
+              *, tools: Sequence[Tool | dict | Callable] | None = None,
+              tool_choice: str | dict | None = None, parallel_tool_calls: bool = True,
+              json_schema: dict | str | None = None, **overrides: Any) -> Iterator[Chunk]:
+        """Generate the last reply again (a new sample); give the turn's tools or schema
+        again to keep them."""
         if not self.messages or self.messages[-1].role != "assistant":
             raise BadRequest("there is no reply to retry yet")
-        yield from self._reply(self.messages[:-1], should_stop, keep_partial, overrides)
+        fmt = ReplyFormat.of(tools, tool_choice, parallel_tool_calls, json_schema)
+        yield from self._reply(self.messages[:-1], should_stop, keep_partial, overrides, fmt)
 
     def undo(self) -> Message | None:
-        """Remove the last exchange (the reply and the message it answered); return the
-        message, so a caller can put its text back in the input box."""
+        """Remove the last exchange (the message you sent and everything after it: replies,
+        tool calls and results); return the message, so a caller can put its text back in the
+        input box."""
         if not self.messages:
             return None
-        if self.messages[-1].role == "assistant":
-            self.messages.pop()
-        user = self.messages.pop() if self.messages else None
+        start = _exchanges(self.messages)[-1] if _exchanges(self.messages) else 0
+        user = self.messages[start] if self.messages[start].role == "user" else None
+        del self.messages[start:]
         self.first_turn = min(self.first_turn, len(self.messages))
         return user
 
@@ -216,12 +271,16 @@ class Chat:
     # ---- turns -------------------------------------------------------------------------
 
     def _reply(self, history: list[Message], should_stop: Callable[[], bool],
-               keep_partial: bool, overrides: dict) -> Iterator[Chunk]:
+               keep_partial: bool, overrides: dict,
+               fmt: ReplyFormat | None = None) -> Iterator[Chunk]:
         if self._streaming:
             raise BadRequest("a reply is still streaming: read it to the end or close it "
                              "before the next turn")
+        fmt = fmt or ReplyFormat()
         settings = replace(self.settings, **overrides)
         settings.validate()
+        constraint = fmt.constraint(self.model)
+        self._prompted_tools = fmt.prompted_tools
         first, ids = self._fit(history, settings)
         pictures = self._pictures(history[first:])
         reuse = self._reuse_cache(ids, [key for key, _ in pictures])
@@ -236,35 +295,39 @@ class Chat:
         tokens: list[int] = []
         chunk = None
         stop_token = None
+        parser = ReplyParser() if fmt.prompted_tools else None
         self._streaming = True
         chunks = stream_tokens(self.model, new_ids, settings, cache=self._cache,
                                should_stop=should_stop, image_features=features,
-                               context_limit=self.context_limit, draft=draft)
+                               context_limit=self.context_limit, draft=draft,
+                               constraint=constraint)
         try:
-            for chunk in chunks:
+            for chunk in with_tool_calls(chunks, parser):
                 tokens = chunk.tokens
-                if chunk.finish_reason == "stop":
+                if chunk.finish_reason is not None and chunk.token is not None:
                     stop_token = chunk.token
+                if chunk.notices and chunk.notices[0] not in self.notices[-1:]:
+                    self.notices.extend(chunk.notices)
                 yield chunk
         except GeneratorExit:  # the caller stopped reading: a clean stop between tokens
             chunks.close()  # first: a draft then rolls the caches back to the tokens read
-            self._finish(history, first, ids, tokens, "cancelled", keep_partial)
+            self._finish(history, first, ids, tokens, "cancelled", keep_partial, parser)
             raise
         except BaseException:
             self._cache, self._cached_ids = None, []  # a half-run step: rebuild next turn
             self._draft_cache, self._draft_ids = None, []
             if tokens:
-                self._finish(history, first, ids, tokens, "cancelled", keep_partial,
+                self._finish(history, first, ids, tokens, "cancelled", keep_partial, parser,
                              cache_valid=False)
             raise
         finally:
             self._streaming = False
-        self._finish(history, first, ids, tokens, chunk.finish_reason, keep_partial,
+        self._finish(history, first, ids, tokens, chunk.finish_reason, keep_partial, parser,
                      stop_token=stop_token)
 
     def _finish(self, history: list[Message], first: int, ids: list[int], tokens: list[int],
-                finish_reason: str | None, keep_partial: bool, cache_valid: bool = True,
-                stop_token: int | None = None) -> None:
+                finish_reason: str | None, keep_partial: bool, parser: ReplyParser | None,
+                cache_valid: bool = True, stop_token: int | None = None) -> None:
         stopped = finish_reason == "cancelled"
         if cache_valid and self._cache is not None:
             fed = ids + tokens + ([stop_token] if stop_token is not None else [])
@@ -273,27 +336,69 @@ class Chat:
                 self._draft_ids = fed[:cache_offset(self._draft_cache)]
         if stopped and not keep_partial:
             return  # the conversation stays as it was before this turn
-        text = self.model.tokenizer.decode(tokens)
+        text, calls = self.model.tokenizer.decode(tokens), []
+        if parser is not None:  # the reply's content; its calls (those complete) apart
+            parser.finish()
+            text, calls = parser.content, list(parser.calls)
         self.messages = [*history, Message("assistant", text, token_ids=list(tokens),
-                                           stopped=stopped)]
+                                           stopped=stopped, tool_calls=calls)]
         self.first_turn = first
 
     def _fit(self, history: list[Message], settings: SamplingSettings) -> tuple[int, list[int]]:
-        """Drop the oldest turns (whole exchanges, images with them; the system prompt stays)
-        until the prompt leaves room for a reply. Returns (first kept index, prompt ids)."""
+        """Drop the oldest turns (whole exchanges: a message, its replies, calls and results,
+        images with them; the system prompt stays) until the prompt leaves room for a reply.
+        Returns (first kept index, prompt ids)."""
         room = min(settings.max_tokens, self.context_limit // 4)
         first = self.first_turn
+        starts = _exchanges(history)
         while True:
             ids = self._conversation_ids(history[first:])
             if len(ids) + room <= self.context_limit:
                 return first, ids
-            if first + 2 >= len(history):
+            later = [i for i in starts if first < i]
+            if not later:
                 raise ContextOverflow(
                     f"this message needs {len(ids)} tokens but the context window holds "
                     f"{self.context_limit} (with {room} kept for the reply): shorten it"
                     + (", or raise --max-context" if self.context_limit < self.model.context_limit
                        else ""))
-            first += 2
+            first = later[0]
+
+    def _results(self, tool_results: dict | Sequence[tuple[str, Any]] | None) -> list[Message]:
+        """Results for the last reply's calls, by call id, as tool messages."""
+        if not tool_results:
+            return []
+        pairs = list(tool_results.items() if isinstance(tool_results, dict) else tool_results)
+        last = self.messages[-1] if self.messages else None
+        calls = {c.id: c for c in last.tool_calls} if last and last.role == "assistant" else {}
+        out = []
+        for call_id, value in pairs:
+            if call_id not in calls:
+                raise BadRequest(f"no call {call_id!r} in the last reply to answer: answer its "
+                                 f"tool_calls ({', '.join(calls) or 'none'})")
+            out.append(Message("tool", result_text(value), tool_call_id=call_id,
+                               name=calls[call_id].name))
+        return out
+
+    def _run_calls(self, calls: list[ToolCall], tools: Sequence[Tool],
+                   approve: Callable[[ToolCall], bool] | None) -> list[Message] | None:
+        """Run each call's Python function (when `approve` allows it) and return the results
+        as tool messages; None when a called tool has no function (the caller answers)."""
+        by_name = {t.name: t for t in tools}
+        if any(by_name.get(c.name) is None or by_name[c.name].function is None for c in calls):
+            return None
+        out = []
+        for call in calls:
+            if approve is not None and not approve(call):
+                value: Any = f"the user declined to run {call.name}"
+            else:
+                try:
+                    value = by_name[call.name].function(**call.arguments)
+                except Exception as e:  # the model sees the error and may try again
+                    value = f"error: {type(e).__name__}: {e}"
+            out.append(Message("tool", result_text(value), tool_call_id=call.id,
+                               name=call.name))
+        return out
 
     def _reuse_cache(self, ids: list[int], pictures: list[str]) -> int:
         """Keep the longest cached prefix of `ids` (at least one token must be new) that holds
@@ -340,22 +445,48 @@ class Chat:
 
     def _conversation_ids(self, messages: Sequence[Message],
                           generation_prompt: bool = True) -> list[int]:
+        """The prompt ids: turns alternate user/model; tool results (and a message sent with
+        them) make one user turn; the first user turn starts with the system prompt and the
+        tool definitions (tools.py)."""
         tokenizer = self.model.tokenizer
         ids = [tokenizer.bos_token_id]
         prefix = f"{self.system}\n\n" if self.system else ""
-        for i, message in enumerate(messages):
-            if (message.role == "user") != (i % 2 == 0):
+        if self._prompted_tools:
+            prefix += render_definitions(self._prompted_tools)
+        for i, turn in enumerate(_turns(messages)):
+            role = turn[0].role
+            if (role != "assistant") != (i % 2 == 0):
                 raise BadRequest("conversation roles must alternate user/assistant/user/...")
-            if message.role == "assistant" and message.token_ids is not None:
-                ids += encode(tokenizer, f"{START_OF_TURN}model\n") + message.token_ids
-                ids += encode(tokenizer, f"{END_OF_TURN}\n")
+            if role == "assistant":
+                message = turn[0]
+                if message.token_ids is not None:
+                    ids += encode(tokenizer, f"{START_OF_TURN}model\n") + message.token_ids
+                    ids += encode(tokenizer, f"{END_OF_TURN}\n")
+                    continue
+                text = "\n".join(t for t in (message.text.strip(),
+                                             render_calls(message.tool_calls)) if t)
+                ids += encode(tokenizer, render_turn("assistant", text))
                 continue
-            content = self._content(message)
-            text = render_turn(message.role, content, prefix if i == 0 else "")
+            content = self._turn_content(turn)
+            text = render_turn("user", content, prefix if i == 0 else "")
             ids += encode(tokenizer, text, self._image_tokens())
         if generation_prompt:
             ids += encode(tokenizer, GENERATION_PROMPT)
         return ids
+
+    def _turn_content(self, turn: list[Message]) -> str | list:
+        """A user turn: the tool results (tool_output blocks), then the message, if any."""
+        results = [m.text for m in turn if m.role == "tool"]
+        asked = [m for m in turn if m.role == "user"]
+        if not results:
+            return self._content(asked[0])
+        head = render_results(results)
+        if not asked:
+            return head
+        content = self._content(asked[0])
+        if isinstance(content, str):
+            return f"{head}\n\n{content}"
+        return [{"type": "text", "text": head}, *content]
 
     def _content(self, message: Message) -> str | list:
         if not message.images:
@@ -394,7 +525,7 @@ class Chat:
         picture, then its pan-and-scan crops."""
         pictures = []
         for message in messages:
-            if message.role == "assistant" and message.token_ids is not None:
+            if message.role != "user":
                 continue
             for attachment in message.images:
                 pictures.append((attachment.hash, attachment.image))
@@ -421,6 +552,50 @@ class Chat:
         while len(self._features) > FEATURE_CACHE_SIZE:
             self._features.pop(next(iter(self._features)))
         return stacked
+
+
+# ---- turns and tool calls --------------------------------------------------------------------
+
+def _turns(messages: Sequence[Message]) -> list[list[Message]]:
+    """Messages grouped into the prompt's turns: each reply alone; tool results with the
+    message sent after them (if any) as one user turn."""
+    turns: list[list[Message]] = []
+    for message in messages:
+        joins = (turns and message.role != "assistant" and turns[-1][0].role != "assistant"
+                 and turns[-1][-1].role == "tool")
+        if joins:
+            turns[-1].append(message)
+        else:
+            turns.append([message])
+    return turns
+
+
+def _exchanges(messages: Sequence[Message]) -> list[int]:
+    """Where each exchange starts: a message sent after a reply that made no calls (or first),
+    so an exchange holds its replies, their calls and the results."""
+    return [i for i, m in enumerate(messages) if m.role == "user" and
+            (i == 0 or messages[i - 1].role == "assistant" and not messages[i - 1].tool_calls)]
+
+
+def with_tool_calls(chunks: Iterator[Chunk], parser: ReplyParser | None) -> Iterator[Chunk]:
+    """Chunks whose text is the reply's content only: the call syntax is parsed out as it
+    streams (tools.py), and the last chunk carries the calls (finish_reason "tool_calls" when
+    the reply ended on its own)."""
+    if parser is None:
+        yield from chunks
+        return
+    for chunk in chunks:
+        events = parser.feed(chunk.text)
+        if chunk.finish_reason is not None:
+            events += parser.finish()
+        text = "".join(e.text for e in events if isinstance(e, ContentDelta))
+        if chunk.finish_reason is None:
+            yield replace(chunk, text=text)
+            continue
+        reason = chunk.finish_reason
+        if parser.calls and reason == "stop":
+            reason = "tool_calls"
+        yield replace(chunk, text=text, tool_calls=list(parser.calls), finish_reason=reason)
 
 
 # ---- saving helpers -------------------------------------------------------------------------
@@ -452,6 +627,11 @@ def _message_to_json(message: Message, embed_images: bool) -> dict:
         data["token_ids"] = message.token_ids
     if message.stopped:
         data["stopped"] = True
+    if message.tool_calls:
+        data["tool_calls"] = [{"id": c.id, "name": c.name, "arguments": c.arguments_json}
+                              for c in message.tool_calls]
+    if message.tool_call_id is not None:
+        data["tool_call_id"], data["name"] = message.tool_call_id, message.name
     if message.images:
         data["images"] = [_image_to_json(a, embed_images) for a in message.images]
     return data
@@ -468,8 +648,11 @@ def _image_to_json(attachment: Attachment, embed: bool) -> dict:
 
 def _message_from_json(data: dict, base: Path) -> Message:
     images = [_image_from_json(d, base) for d in data.get("images", [])]
+    calls = [ToolCall(c["id"], c["name"], json.loads(c["arguments"]), c["arguments"])
+             for c in data.get("tool_calls", [])]
     return Message(data["role"], data["text"], images, data.get("token_ids"),
-                   bool(data.get("stopped", False)))
+                   bool(data.get("stopped", False)), calls, data.get("tool_call_id"),
+                   data.get("name"))
 
 
 def _image_from_json(data: dict, base: Path) -> Attachment:
@@ -492,30 +675,40 @@ def _image_from_json(data: dict, base: Path) -> Attachment:
 # ---- one-message conversations --------------------------------------------------------------
 
 def prompt_ids(model: Model, prompt: str, system: str | None = None,
-               raw: bool | None = None) -> list[int]:
+               raw: bool | None = None, tools: Sequence[Tool] = ()) -> list[int]:
     """Token ids for one user message; `raw` completes the text as it is (base models).
-    `raw=None` chooses raw exactly when the model ships no chat template."""
+    `raw=None` chooses raw exactly when the model ships no chat template. Tool definitions
+    (tools.py) go in front of the message, after the system prompt."""
     if not prompt.strip():
         raise BadRequest("the prompt is empty: give some text")
     if raw is None:
         raw = not model.has_chat_template
     if raw:
-        text = f"{system}\n\n{prompt}" if system else prompt
-        return model.tokenizer.encode(text)
+        text = f"{system}\n\n" if system else ""
+        text += render_definitions(tools) if tools else ""
+        return model.tokenizer.encode(text + prompt)
     # Not `prompt_tokens`: the engine fits a one-shot reply into whatever room is left.
-    return Chat(model, system=system)._conversation_ids([Message("user", prompt)])
+    chat = Chat(model, system=system)
+    chat._prompted_tools = tuple(tools)
+    return chat._conversation_ids([Message("user", prompt)])
 
 
 def stream(model: Model, prompt: str, *, system: str | None = None, raw: bool | None = None,
            images: Sequence[ImageSource] = (), pan_and_scan: bool = False,
            max_context: int | None = None, kv_bits: int | None = None,
            draft_model: Model | None = None, num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS,
-           should_stop: Callable[[], bool] = lambda: False, **sampling: Any) -> Iterator[Chunk]:
+           should_stop: Callable[[], bool] = lambda: False,
+           tools: Sequence[Tool | dict | Callable] | None = None,
+           tool_choice: str | dict | None = None, parallel_tool_calls: bool = True,
+           json_schema: dict | str | None = None, **sampling: Any) -> Iterator[Chunk]:
     """Stream the reply to one message (with images, if any): chunks with text, token and
     running stats. `max_context` and `kv_bits` bound the KV cache, and `draft_model` drafts
-    for speculative decoding, as in `Chat`."""
+    for speculative decoding, as in `Chat`. With `tools` the reply may call them (the chunks'
+    text is the content; the last chunk has `tool_calls`, which are not run here: see
+    `Chat`); `json_schema` constrains the whole reply to a schema."""
     settings = SamplingSettings(**sampling)
     settings.validate()
+    fmt = ReplyFormat.of(tools, tool_choice, parallel_tool_calls, json_schema)
     limit = context_limit(model, max_context)
     if draft_model is not None:
         check_draft(model, draft_model)
@@ -526,13 +719,18 @@ def stream(model: Model, prompt: str, *, system: str | None = None, raw: bool | 
         chat = Chat(model, system=system, pan_and_scan=pan_and_scan, max_context=max_context,
                     kv_bits=kv_bits, draft_model=draft_model,
                     num_draft_tokens=num_draft_tokens, **sampling)
-        yield from chat.stream(prompt, images, should_stop=should_stop)
+        yield from chat.stream(prompt, images, should_stop=should_stop, tools=fmt.tools,
+                               tool_choice=fmt.choice, parallel_tool_calls=fmt.parallel,
+                               json_schema=None if fmt.tools else fmt.grammar,
+                               max_tool_rounds=0)
         return
-    ids = prompt_ids(model, prompt, system, raw)
+    ids = prompt_ids(model, prompt, system, raw, fmt.prompted_tools)
     draft = Draft(draft_model, prompt=ids, num_draft_tokens=num_draft_tokens) \
         if draft_model is not None else None
-    yield from stream_tokens(model, ids, settings, cache=model.make_cache(kv_bits),
-                             should_stop=should_stop, context_limit=limit, draft=draft)
+    chunks = stream_tokens(model, ids, settings, cache=model.make_cache(kv_bits),
+                           should_stop=should_stop, context_limit=limit, draft=draft,
+                           constraint=fmt.constraint(model))
+    yield from with_tool_calls(chunks, ReplyParser() if fmt.prompted_tools else None)
 
 
 def context_limit(model: Model, max_context: int | None) -> int:

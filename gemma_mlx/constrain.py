@@ -140,6 +140,48 @@ def ollama_format(value: str | dict | None) -> Grammar | None:
     raise BadRequest(f"format {value!r} is not supported: use \"json\" or a JSON schema")
 
 
+@dataclass(frozen=True)
+class ReplyFormat:
+    """What a request asks of its reply: tools in the prompt and their calls constrained, or a
+    JSON schema for the whole reply. Checked when made (BadRequest), before any model runs."""
+
+    tools: tuple[Tool, ...] = ()
+    choice: ToolChoice = ToolChoice("none")
+    parallel: bool = True
+    grammar: Grammar | None = None
+
+    @classmethod
+    def of(cls, tools: Sequence[Any] | None = None, tool_choice: Any = None,
+           parallel_tool_calls: bool = True,
+           schema: dict | str | bool | Grammar | None = None) -> ReplyFormat:
+        """From the library's arguments: `tools` as `tools.tools_from` takes them,
+        `tool_choice` as `ToolChoice.parse`, `schema` as `json_schema` takes it (a Grammar
+        as it is, e.g. `json_object()`)."""
+        from .tools import tools_from
+
+        listed = tuple(tools_from(tools))
+        choice = ToolChoice.parse(tool_choice, listed)
+        if schema is not None and listed and choice.mode != "none":
+            raise BadRequest("give tools or a JSON schema, not both: a reply is either calls "
+                             "or one JSON value")
+        if isinstance(schema, Grammar):
+            grammar = schema
+        elif schema is not None:
+            grammar = json_schema(schema)
+        else:
+            grammar = tool_calls(listed, choice, parallel_tool_calls)
+        return cls(listed, choice, parallel_tool_calls, grammar)
+
+    @property
+    def prompted_tools(self) -> tuple[Tool, ...]:
+        """The tools whose definitions go into the prompt (none with tool_choice "none")."""
+        return self.tools if self.choice.mode != "none" else ()
+
+    def constraint(self, model: Any) -> Constraint | None:
+        """A fresh matcher for one reply (None when nothing is constrained)."""
+        return Constraint(model, self.grammar) if self.grammar is not None else None
+
+
 class Constraint:
     """One request's grammar state over one model's tokens: the engine asks `mask()` for the
     allowed tokens of the next step and `advance(token)` with the token it sampled. The mask is
