@@ -27,10 +27,11 @@ bound saves, e.g. `--random 4b --prompt-tokens 32768,131072 --kv-bits 8`.
 `--json-schema FILE`: constrained decoding. The peer is then our own engine with that JSON
 schema as a constraint (peer "json schema"), on the same prompts, interleaved with plain decoding;
 each reply the grammar completes starts it again, so every generated token pays its mask. Each
-prompt length gets `constraint`: `decode_ratio` (decode tok/s constrained / plain; the cost is
-1 - it), `mask_ms` (host milliseconds per token computing masks, overlapped with the device's
-step) and `replies` (grammar-complete replies, over the repeats). A random model borrows the
-270M's tokenizer (a real vocabulary: 270m and larger shapes).
+prompt length gets `constraint`: `decode_ratio` (decode tok/s constrained / plain, medians;
+the cost is 1 - it), `paired_ratio` (the median of each repeat's ratio, the two runs side by
+side: steadier on a shared machine), `mask_ms` (host milliseconds per token computing masks,
+overlapped with the device's step) and `replies` (grammar-complete replies, over the
+repeats). A random model borrows the 270M's tokenizer (a real vocabulary: 270m and larger).
 
 `--draft-model NAME`: speculative decoding. The peer is then our own engine drafting with
 that model (`--num-draft-tokens` at a time, default 3), on the same prompts and caches as the
@@ -83,7 +84,8 @@ JSON output (`--json`), one object:
       ratio          ours / peer for prefill_tps, decode_tps, ttft_s, peak_memory_bytes and
                      kv_cache_bytes (above 1 is better for the speeds, below 1 for time and
                      memory); or null
-      constraint     with --json-schema (else null): decode_ratio, mask_ms, replies
+      constraint     with --json-schema (else null): decode_ratio, paired_ratio, mask_ms,
+                     replies
       speculative    with --draft-model (else null), over the repeats of this prompt length:
         acceptance_rate   accepted_tokens / drafted_tokens
         drafted_tokens    tokens the draft model proposed
@@ -441,8 +443,11 @@ class Constrained(Ours):
             runs = self.constraints[1 + i * repeats:1 + (i + 1) * repeats]
             plain = entry["ours"]["decode_tps"]
             steps = sum(c.steps for c in runs)
+            pairs = zip(entry["ours"]["runs"], entry["peer"]["runs"], strict=True)
             entry["constraint"] = {
                 "decode_ratio": entry["peer"]["decode_tps"] / plain if plain else 0.0,
+                "paired_ratio": statistics.median(b["decode_tps"] / a["decode_tps"]
+                                                  for a, b in pairs if a["decode_tps"]),
                 "mask_ms": 1e3 * sum(c.seconds for c in runs) / steps if steps else 0.0,
                 "replies": sum(c.replies for c in runs)}
 
@@ -587,8 +592,9 @@ def table(report: dict) -> str:
         con = entry.get("constraint")
         if con:
             lines.append(f"prompt {entry['prompt_tokens']}: with the JSON schema, decode "
-                         f"{con['decode_ratio']:.3f}x of plain, masks {con['mask_ms']:.2f} ms "
-                         f"a token on the host, {con['replies']} complete replies")
+                         f"{con['decode_ratio']:.3f}x of plain (paired "
+                         f"{con['paired_ratio']:.3f}x), masks {con['mask_ms']:.2f} ms a token "
+                         f"on the host, {con['replies']} complete replies")
         spec = entry.get("speculative")
         if spec:
             lines.append(f"prompt {entry['prompt_tokens']}: draft {report['draft']['model']} "

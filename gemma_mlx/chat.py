@@ -152,9 +152,10 @@ class Chat:
         parse and match their schemas); its last chunk and its message carry `tool_calls`.
         When the called tools are Python functions, Chat runs them (each after `approve(call)`,
         if given, says yes) and answers with their results, for at most `max_tool_rounds`
-        rounds, streaming every reply until one answers in text. Otherwise, answer the calls
-        with `tool_results` ({call id: result}) in the next `stream`/`send`. `json_schema`
-        constrains the reply to that schema."""
+        rounds, streaming every reply until one answers in text (a "required" or named
+        `tool_choice` holds for the first reply; those after results are "auto"). Otherwise,
+        answer the calls with `tool_results` ({call id: result}) in the next `stream`/`send`.
+        `json_schema` constrains the reply to that schema."""
         fmt = ReplyFormat.of(tools, tool_choice, parallel_tool_calls, json_schema)
         if max_tool_rounds < 0:
             raise BadRequest(f"max tool rounds must be 0 or more (got {max_tool_rounds})")
@@ -181,6 +182,7 @@ class Chat:
                                     "the last reply's calls are not answered yet")
                 return
             history = [*self.messages, *answers]
+            fmt = fmt.follow_up()
 
     def retry(self, should_stop: Callable[[], bool] = lambda: False, keep_partial: bool = True,
               *, tools: Sequence[Tool | dict | Callable] | None = None,

@@ -177,6 +177,15 @@ class ReplyFormat:
         """The tools whose definitions go into the prompt (none with tool_choice "none")."""
         return self.tools if self.choice.mode != "none" else ()
 
+    def follow_up(self) -> ReplyFormat:
+        """The format of the reply that answers tool results: a "required" or named choice
+        asked for this turn's call, and the reply after its results may answer in text."""
+        if self.choice.mode not in ("required", "named"):
+            return self
+        auto = ToolChoice("auto")
+        return ReplyFormat(self.tools, auto, self.parallel,
+                           tool_calls(self.tools, auto, self.parallel))
+
     def constraint(self, model: Any) -> Constraint | None:
         """A fresh matcher for one reply (None when nothing is constrained)."""
         return Constraint(model, self.grammar) if self.grammar is not None else None
