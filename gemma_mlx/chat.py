@@ -174,12 +174,13 @@ class Chat:
                 yield chunk
             if chunk is None or not chunk.tool_calls or chunk.finish_reason == "cancelled":
                 return
+            if rounds == max_tool_rounds:
+                if rounds:
+                    self.notices.append(f"stopped running tools after {rounds} rounds: the "
+                                        "last reply's calls are not answered yet")
+                return
             answers = self._run_calls(chunk.tool_calls, fmt.tools, approve)
             if answers is None:  # a tool without a Python function: the caller answers
-                return
-            if rounds == max_tool_rounds:
-                self.notices.append(f"stopped running tools after {max_tool_rounds} rounds: "
-                                    "the last reply's calls are not answered yet")
                 return
             history = [*self.messages, *answers]
             fmt = fmt.follow_up()

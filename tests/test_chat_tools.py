@@ -74,8 +74,11 @@ def test_chat_runs_python_tools_until_the_model_answers_in_text(tiny):
     assert json.loads(results[0].text)["city"] == asked[0].arguments["city"]
     assert not chat.messages[-1].tool_calls  # the follow-up ("auto") answered in text
     assert chunks[-1].finish_reason in ("stop", "length") and not chunks[-1].tool_calls
-    # The follow-up prefilled only the results turn: the call was already in the cache.
-    assert 0 < chat.last_prefill_tokens < 40
+    # The follow-up prefilled only the results turn: definitions, message and call were
+    # already in the cache.
+    results_turn = chat._conversation_ids(chat.messages[:-1])
+    before = chat._conversation_ids(chat.messages[:2], generation_prompt=False)
+    assert chat.last_prefill_tokens <= len(results_turn) - len(before) + 1
 
 
 def test_a_declined_call_is_not_run_and_the_model_is_told(tiny):
@@ -158,3 +161,18 @@ def test_json_schema_replies_in_a_chat(tiny):
     with pytest.raises(BadRequest, match="not both"):
         chat.send("x", tools=[get_weather], json_schema=schema)
     assert len(chat.messages) == 2
+
+
+def test_the_loop_stops_after_max_tool_rounds_and_says_so(tiny, monkeypatch):
+    """A model that calls again after every result (each reply forced to call here) is
+    answered `max_tool_rounds` times; the last calls come back unanswered, with a notice."""
+    from gemma_mlx.constrain import ReplyFormat
+
+    monkeypatch.setattr(ReplyFormat, "follow_up", lambda self: self)
+    chat = Chat(tiny, **SETTINGS)
+    chat.send("Weather?", tools=[get_weather], tool_choice="required", parallel_tool_calls=False,
+              max_tool_rounds=2)
+    replies = [m for m in chat.messages if m.role == "assistant"]
+    assert len(replies) == 3 and all(len(r.tool_calls) == 1 for r in replies)
+    assert len(CALLED) == 2 and chat.messages[-1].role == "assistant"
+    assert any("after 2 rounds" in n for n in chat.notices)
