@@ -299,6 +299,7 @@ class Chat:
         chunk = None
         stop_token = None
         parser = ReplyParser() if fmt.prompted_tools else None
+        noted = False
         self._streaming = True
         chunks = stream_tokens(self.model, new_ids, settings, cache=self._cache,
                                should_stop=should_stop, image_features=features,
@@ -309,8 +310,9 @@ class Chat:
                 tokens = chunk.tokens
                 if chunk.finish_reason is not None and chunk.token is not None:
                     stop_token = chunk.token
-                if chunk.notices and chunk.notices[0] not in self.notices[-1:]:
+                if chunk.notices and not noted:  # the engine's, once per reply
                     self.notices.extend(chunk.notices)
+                    noted = True
                 yield chunk
         except GeneratorExit:  # the caller stopped reading: a clean stop between tokens
             chunks.close()  # first: a draft then rolls the caches back to the tokens read

@@ -22,6 +22,8 @@ Entry points (the library and the server):
                                            tool_choice "none"
     response_format(value) / ollama_format(value)   OpenAI's response_format and Ollama's
                                            format fields -> a grammar or None
+    ReplyFormat.of(tools, tool_choice, parallel, schema)   all of a request's asks, checked;
+                                           .prompted_tools for the prompt, .constraint(model)
     Constraint(model, grammar)             one request's matcher: engine.stream_tokens(...,
                                            constraint=...)
 """

@@ -12,13 +12,13 @@ the docstring.
 becomes {"name": "get_weather", "description": "The current weather in a city.", "parameters":
 {"type": "object", "properties": {"city": {"type": "string", "description": ...}, "unit":
 {"type": "string", "enum": [...], "default": "celsius", ...}}, "required": ["city"],
-"additionalProperties": false}}. The docstring's first paragraph is the description; the
-`Args:` section (Google style, as transformers' `get_json_schema` reads it; reST `:param x:`
-lines too) describes the parameters. Parameters with defaults are optional. Types: str, int,
-float, bool, None, list[X], tuple[X, ...], tuple[X, Y], dict[str, X], Literal[...],
-Enum subclasses, X | Y / Optional[X], dataclasses and TypedDicts (nested objects), Any. Anything
-else is refused with BadRequest naming the parameter: a schema we could not be sure of would let
-the model call the function with arguments it cannot take.
+"additionalProperties": false}}. The docstring's text before its first section is the
+description; the `Args:` section (Google style, as transformers' `get_json_schema` reads it;
+reST `:param x:` lines too) describes the parameters. Parameters with defaults are optional.
+Types: str, int, float, bool, None, list[X], tuple[X, ...], tuple[X, Y], dict[str, X],
+Literal[...], Enum subclasses, X | Y / Optional[X], dataclasses and TypedDicts (nested
+objects), Any. Anything else is refused with BadRequest naming the parameter: a schema we could
+not be sure of would let the model call the function with arguments it cannot take.
 """
 
 from __future__ import annotations
