@@ -7,7 +7,7 @@ For each variant: the Python time to build one step's graph, the synchronous ste
 evaluate, read the token) and the pipelined rate (`mx.async_eval` one step ahead, as the engine
 decodes), one entry per interleaved round (--rounds). Variants:
   plain            the model op by op on mlx-lm's caches (our decode before compiling)
-  compiled         `TextDecoder.compiled_decode`: the whole step as one compiled graph, q/k/v
+  compiled         `model.decode.compiled_decode`: the whole step as one compiled graph, q/k/v
                    and gate/up fused into one quantized matmul each
   compiled-unfused the same graph with the seven projections kept apart
   mlx-lm           mlx-lm's Gemma 3 on the same weights, op by op
@@ -30,7 +30,7 @@ import mlx.core as mx
 
 from gemma_mlx.bench import mlx_lm_peer, prompt_ids, random_model
 from gemma_mlx.engine import prefill
-from gemma_mlx.model.decode import CompiledDecode
+from gemma_mlx.model.decode import CompiledDecode, compiled_decode, decode_program
 
 
 class UnfusedDecode(CompiledDecode):
@@ -89,7 +89,7 @@ def main() -> None:
     print("env", env, flush=True)
     model = random_model(args.shape)
     net, vocab = model.net, model.config.text.vocab_size
-    net.decoder.decode_program()  # fuse in place first, so the peer shares the same arrays
+    decode_program(net.decoder)  # fuse in place first, so the peer shares the same arrays
     ref = mlx_lm_peer(model)
     ids = prompt_ids(args.prompt, vocab)
     greedy = lambda logits: mx.argmax(logits, axis=-1).astype(mx.int32).reshape(1)  # noqa: E731
@@ -103,7 +103,7 @@ def main() -> None:
         try:
             c_plain, tok = fresh_cache()
             c_fast, _ = fresh_cache()
-            fast = net.decoder.compiled_decode(c_fast)
+            fast = compiled_decode(net.decoder, c_fast)
             worst, agree, n = 0.0, 0, 60
             for _ in range(n):
                 a = net.logits(net.hidden(tok[None], c_plain)[:, -1, :])[0]
@@ -122,7 +122,7 @@ def main() -> None:
         return lambda t: greedy(net.logits(net.hidden(t[None], cache)[:, -1, :])[0])
 
     def compiled_step(cache, cls=None):
-        fast = cls(net.decoder) if cls else net.decoder.decode_program()
+        fast = cls(net.decoder) if cls else decode_program(net.decoder)
         fast.prepare(cache)
         return lambda t: greedy(fast.step(t, cache))
 

@@ -24,6 +24,7 @@ import mlx_lm
 from mlx_lm.generate import wired_limit
 
 from gemma_mlx.bench import SHAPES, MlxLm, Ours, measure, mlx_lm_peer, random_model
+from gemma_mlx.model.decode import decode_program
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from growing_chat import float_dtype, format_table  # noqa: E402
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     if max(contexts) + args.gen_tokens > limit:
         raise SystemExit(f"context {max(contexts)} + {args.gen_tokens} generated tokens exceed "
                          f"the {args.shape} shape's window ({limit})")
-    model.net.decoder.decode_program()  # fuse in place first: the peer shares the same arrays
+    decode_program(model.net.decoder)  # fuse in place first: the peer shares the same arrays
     peer = None if args.no_compare else MlxLm(mlx_lm_peer(model))
 
     def progress(line: str) -> None:

@@ -28,6 +28,7 @@ from gemma_mlx import Chat
 from gemma_mlx.bench import SHAPES, random_model
 from gemma_mlx.chat import Message
 from gemma_mlx.loading import Model, parameter_bytes
+from gemma_mlx.model.decode import compiled_decode, decode_program
 
 SPECIAL = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<start_of_turn>": 105, "<end_of_turn>": 106}
 FIRST_WORD_ID = 1000  # word ids start above the special and control tokens (tiny vocabularies:
@@ -113,7 +114,7 @@ def build_model(shape: str, tokenizer: str = "words") -> Model:
             model.tokenizer = gemma_mlx.load(tokenizer).tokenizer
     # Fuse the q/k/v and gate/up weights now (in place, as views), as the first decode would:
     # the weights are then laid out as they stay, and an mlx-lm peer can share the arrays.
-    model.net.decoder.decode_program()
+    decode_program(model.net.decoder)
     return model
 
 
@@ -196,7 +197,7 @@ def fast_forward(chat: Chat, tokens: int, user_tokens: int, reply_tokens: int) -
             c.update_and_fetch(mx.random.normal(shape).astype(dtype),
                                mx.random.normal(shape).astype(dtype))
             mx.eval([a for _, a in tree_flatten([c.keys, c.values])])
-    model.net.decoder.compiled_decode(cache)  # the layout a reply leaves (ring, reserve)
+    compiled_decode(model.net.decoder, cache)  # the layout a reply leaves (ring, reserve)
     mx.eval([a for c in cache for _, a in tree_flatten([c.keys, c.values])])
     chat.messages = messages
     chat._cache, chat._cached_ids, chat._cached_pictures = cache, ids, []

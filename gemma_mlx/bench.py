@@ -114,6 +114,7 @@ from .constrain import Constraint, Grammar, json_schema
 from .engine import SamplingSettings, Stats, generate_tokens
 from .errors import BadImage, BadRequest
 from .loading import Model, QuantizeSpec, compute_dtype, quantize_text_decoder
+from .model.decode import decode_program
 from .model.gemma3 import Gemma3
 from .speculative import (
     DEFAULT_NUM_DRAFT_TOKENS,
@@ -639,6 +640,10 @@ def parser() -> argparse.ArgumentParser:
                    help="tokens drafted per step with --draft-model (default: 3)")
     p.add_argument("--no-compile", action="store_true",
                    help="decode op by op, as before compiling (to measure what compiling gives)")
+    p.add_argument("--concurrency", metavar="N,N,...", default=None,
+                   help="continuous batching: N streams at once (e.g. 1,4,8,16), each with "
+                        "one --prompt-tokens length; aggregate and per-stream decode tok/s, "
+                        "time to first token p50/p95, peak memory")
     p.add_argument("--json", action="store_true", help="print one JSON object instead")
     return p
 
@@ -656,6 +661,8 @@ def parse_lengths(text: str) -> list[int]:
 def run_bench(argv: list[str], out: Any, err: Any) -> int:
     args = parser().parse_args(argv)
     lengths = parse_lengths(args.prompt_tokens)
+    if args.concurrency is not None:
+        return concurrency_bench(args, lengths, out, err)
     if args.gen_tokens < 2:
         raise BadRequest(f"--gen-tokens must be at least 2 (got {args.gen_tokens})")
     if args.repeats < 1:
@@ -709,7 +716,7 @@ def run_bench(argv: list[str], out: Any, err: Any) -> int:
     if not args.no_compile:
         # Lays the q/k/v and gate/up weights out fused (in place, as views) before the peer
         # takes the same arrays, so both run on one copy of the weights.
-        model.net.decoder.decode_program()
+        decode_program(model.net.decoder)
     compiled = not args.no_compile
     bounded = args.kv_bits is not None or args.max_context is not None
     peer: Implementation | None = None
@@ -775,6 +782,45 @@ def borrowed_tokenizer(model: Model) -> Any:
         raise BadRequest(f"--json-schema needs Gemma's vocabulary, which {model.name} lacks: "
                          "use --random 270m or a larger shape, or --model")
     return load_tokenizer(resolve("270m"))
+
+
+def concurrency_bench(args: argparse.Namespace, lengths: list[int], out: Any, err: Any) -> int:
+    from . import bench_concurrency as cb
+
+    counts = cb.parse_streams(args.concurrency)
+    if len(lengths) != 1:
+        raise BadRequest("--concurrency takes one --prompt-tokens length (e.g. 256)")
+    if args.gen_tokens < 2 or args.repeats < 1:
+        raise BadRequest("--gen-tokens must be at least 2 and --repeats at least 1")
+    for option in ("image", "draft_model", "kv_bits", "max_context", "no_compile", "json_schema"):
+        if getattr(args, option):
+            raise BadRequest(f"--concurrency does not combine with --{option.replace('_', '-')}")
+    if args.compare not in (None, "mlx-lm"):
+        raise BadRequest("--concurrency compares with --compare mlx-lm (its BatchGenerator)")
+    if args.random:
+        model = random_model(args.random)
+    else:
+        from .hub import DEFAULT_MODEL
+        from .loading import load
+
+        model = load(args.model or DEFAULT_MODEL)
+    if lengths[0] + args.gen_tokens > model.config.text.max_position_embeddings:
+        raise BadRequest("prompt plus generated tokens exceed the context window")
+    decode_program(model.net.decoder)  # fuses in place before the peer shares the weights
+    peer = cb.MlxLmBatched(mlx_lm_peer(model)) if args.compare == "mlx-lm" else None
+    import mlx_lm
+    from mlx_lm.generate import wired_limit
+
+    with wired_limit(model.net):
+        results = cb.measure(model, peer, counts, lengths[0], args.gen_tokens, args.repeats,
+                             lambda line: print(line, file=err, flush=True))
+    report = {"model": model.description, "device": str(mx.default_device()),
+              "dtype": _float_dtype(model.net), "mlx": mx.__version__,
+              "mlx_lm": mlx_lm.__version__, "prompt_tokens": lengths[0],
+              "gen_tokens": args.gen_tokens, "repeats": args.repeats,
+              "peer": peer.name if peer else None, "concurrency": results}
+    print(json.dumps(report) if args.json else cb.table(report), file=out)
+    return 0
 
 
 def speculative_peer(model: Model, args: argparse.Namespace, compiled: bool) -> Speculative:

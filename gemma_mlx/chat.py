@@ -1,9 +1,13 @@
-"""Conversations: history, image attachments, the context budget, and KV-cache reuse.
+"""Conversations: history, image attachments, the context budget, undo/retry, save/load.
 
-The conversation keeps the model's KV cache between turns and remembers which token ids it
-holds. A new turn tokenizes the whole conversation, keeps the longest cached prefix and prefills
-only the rest; undo/retry trim the cache where the caches allow it, and re-prefill otherwise.
-Replies the model generated are replayed as the exact tokens it produced, so the cache matches.
+A `Chat` is the messages plus a `Session` (session.py), which keeps the model's KV cache between
+turns: a new turn renders the whole conversation, and the session prefills only what its cache
+does not already hold; undo/retry trim the cache where the caches allow it, and re-prefill
+otherwise. Replies the model generated are replayed as the exact tokens it produced, so the
+cache matches.
+
+With tools (tools.py) a reply may call them; Chat runs Python functions itself and answers
+with their results (tool messages, which make the next user turn), round after round.
 
 `generate` and `stream` are the one-message conversation (or a raw completion for base models).
 """
@@ -18,55 +22,31 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
-import numpy as np
-from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
-
 from .constrain import ReplyFormat
-from .engine import Chunk, SamplingSettings, cache_offset, stream_tokens
+from .engine import Chunk, SamplingSettings, stream_tokens
 from .errors import BadImage, BadRequest, ContextOverflow
-from .images import ImageSource, image_hash, load_image, pan_and_scan, preprocess
-from .loading import Model, check_kv_bits
-from .prompt import (
-    END_OF_TURN,
-    GENERATION_PROMPT,
-    START_OF_IMAGE,
-    START_OF_TURN,
-    ImageTokens,
-    encode,
-    pan_and_scan_text,
-    render_turn,
-)
+from .images import Attachment, ImageSource
+from .loading import Model
+from .prompt import START_OF_IMAGE, ImageTokens, Prompt, build_prompt
+from .session import Session
 from .speculative import DEFAULT_NUM_DRAFT_TOKENS, Draft, check_draft, check_num_draft_tokens
 from .tools import (
     ContentDelta,
     ReplyParser,
     Tool,
     ToolCall,
+    prepend_text,
     render_calls,
     render_definitions,
     render_results,
     result_text,
 )
 
+__all__ = ["Attachment", "Chat", "Message", "generate", "prompt_ids", "stream"]
+
 SAVE_FORMAT = 1
 MIN_CONTEXT = 64  # tokens: below this no conversation fits
 MAX_TOOL_ROUNDS = 8  # calls run and answered by Chat before it hands a call back
-FEATURE_CACHE_SIZE = 32  # images whose vision features are kept (about 5 MB each on 4B)
-
-
-@dataclass
-class Attachment:
-    """An image in a message: the decoded picture, its content hash and where it came from."""
-
-    image: Any  # PIL.Image.Image, RGB
-    hash: str
-    source: str | None = None  # a path or URL, for saving; None for bytes / PIL input
-
-    @classmethod
-    def load(cls, source: ImageSource) -> Attachment:
-        image = load_image(source)
-        return cls(image, image_hash(image), _where(source))
 
 
 @dataclass
@@ -82,7 +62,7 @@ class Message:
 
 
 class Chat:
-    """A conversation with one model.
+    """A conversation with one model: the messages, and a `Session` (its KV cache).
 
         chat = Chat(model, system="Be brief.")
         print(chat.send("What is in this picture?", images=["photo.jpg"]))
@@ -102,30 +82,26 @@ class Chat:
         self.system = system
         self.settings = SamplingSettings(**sampling)
         self.settings.validate()
-        check_kv_bits(kv_bits)
         self.pan_and_scan = pan_and_scan
         self.max_context = max_context
-        self.kv_bits = kv_bits
-        if draft_model is not None:
-            check_draft(model, draft_model)
-        check_num_draft_tokens(num_draft_tokens)
-        self.draft_model = draft_model
-        self.num_draft_tokens = num_draft_tokens
+        self.session = Session(model, kv_bits, draft_model, num_draft_tokens)
         self.messages: list[Message] = []
         self.notices: list[str] = []  # what the user should be told (e.g. turns dropped)
         self.first_turn = 0  # messages before this index no longer fit the context window
         self.context_limit = context_limit(model, max_context)
-        self._streaming = False  # one turn at a time: the cache belongs to it
-        self._cache: list | None = None
-        self._cached_ids: list[int] = []
-        # Content keys of the image blocks of the prompt in the cache, in order: every image
-        # block has the same token ids, so a cached prefix must also have the same pictures.
-        self._cached_pictures: list[str] = []
-        self._features: dict[str, mx.array] = {}
-        self._draft_cache: list | None = None  # the draft model's, and the ids it holds
-        self._draft_ids: list[int] = []
-        self.last_prefill_tokens = 0  # how many tokens the last turn actually prefilled
         self._prompted_tools: tuple[Tool, ...] = ()  # the last turn's tools in the prompt
+
+    @property
+    def kv_bits(self) -> int | None:
+        return self.session.kv_bits
+
+    @property
+    def draft_model(self) -> Model | None:
+        return self.session.draft_model
+
+    @property
+    def num_draft_tokens(self) -> int:
+        return self.session.num_draft_tokens
 
     # ---- the public conversation --------------------------------------------------------
 
@@ -211,22 +187,21 @@ class Chat:
     def clear(self) -> None:
         self.messages.clear()
         self.first_turn = 0
-        self._cache, self._cached_ids = None, []
-        self._draft_cache, self._draft_ids = None, []
+        self.session.reset()
 
     @property
     def tokens_used(self) -> int:
         """Tokens of the conversation as the model sees it now."""
         if not self.visible_messages():
             return 0
-        return len(self._conversation_ids(self.visible_messages(), generation_prompt=False))
+        return len(self._prompt(self.visible_messages(), generation_prompt=False).ids)
 
     def prompt_tokens(self, text: str, images: Sequence[ImageSource] = ()) -> list[int]:
         """The token ids the model would see if this message were sent now (after dropping
         the oldest turns that would no longer fit)."""
         attachments = [self._attachment(source) for source in images]
         history = [*self.messages, Message("user", text, attachments)]
-        return self._fit(history, self.settings)[1]
+        return self._fit(history, self.settings)[1].ids
 
     def visible_messages(self) -> list[Message]:
         return self.messages[self.first_turn:]
@@ -276,7 +251,7 @@ class Chat:
     def _reply(self, history: list[Message], should_stop: Callable[[], bool],
                keep_partial: bool, overrides: dict,
                fmt: ReplyFormat | None = None) -> Iterator[Chunk]:
-        if self._streaming:
+        if self.session.busy:
             raise BadRequest("a reply is still streaming: read it to the end or close it "
                              "before the next turn")
         fmt = fmt or ReplyFormat()
@@ -284,61 +259,39 @@ class Chat:
         settings.validate()
         constraint = fmt.constraint(self.model)
         self._prompted_tools = fmt.prompted_tools
-        first, ids = self._fit(history, settings)
-        pictures = self._pictures(history[first:])
-        reuse = self._reuse_cache(ids, [key for key, _ in pictures])
-        new_ids = ids[reuse:]
-        draft = self._draft(ids)
-        features = self._image_features(pictures[self._image_blocks(ids[:reuse]):])
-        self.last_prefill_tokens = len(new_ids)
+        first, prompt = self._fit(history, settings)
         if first > self.first_turn:
             self.notices.append(f"the conversation outgrew the context window "
                                 f"({self.context_limit} tokens): dropped the oldest "
                                 f"{first - self.first_turn} message(s)")
         tokens: list[int] = []
         chunk = None
-        stop_token = None
-        parser = ReplyParser() if fmt.prompted_tools else None
         noted = False
-        self._streaming = True
-        chunks = stream_tokens(self.model, new_ids, settings, cache=self._cache,
-                               should_stop=should_stop, image_features=features,
-                               context_limit=self.context_limit, draft=draft,
-                               constraint=constraint)
+        parser = ReplyParser() if fmt.prompted_tools else None
+        engine = {"constraint": constraint} if constraint is not None else {}
+        chunks = self.session.stream(prompt, settings, should_stop=should_stop,
+                                     context_limit=self.context_limit, **engine)
         try:
             for chunk in with_tool_calls(chunks, parser):
                 tokens = chunk.tokens
-                if chunk.finish_reason is not None and chunk.token is not None:
-                    stop_token = chunk.token
                 if chunk.notices and not noted:  # the engine's, once per reply
                     self.notices.extend(chunk.notices)
                     noted = True
                 yield chunk
         except GeneratorExit:  # the caller stopped reading: a clean stop between tokens
-            chunks.close()  # first: a draft then rolls the caches back to the tokens read
-            self._finish(history, first, ids, tokens, "cancelled", keep_partial, parser)
+            chunks.close()  # first: the session then records what its caches hold
+            self._finish(history, first, tokens, "cancelled", keep_partial, parser)
             raise
         except BaseException:
-            self._cache, self._cached_ids = None, []  # a half-run step: rebuild next turn
-            self._draft_cache, self._draft_ids = None, []
-            if tokens:
-                self._finish(history, first, ids, tokens, "cancelled", keep_partial, parser,
-                             cache_valid=False)
+            if tokens:  # the session dropped its cache; the words shown are kept
+                self._finish(history, first, tokens, "cancelled", keep_partial, parser)
             raise
-        finally:
-            self._streaming = False
-        self._finish(history, first, ids, tokens, chunk.finish_reason, keep_partial, parser,
-                     stop_token=stop_token)
+        self._finish(history, first, tokens, chunk.finish_reason, keep_partial, parser)
 
-    def _finish(self, history: list[Message], first: int, ids: list[int], tokens: list[int],
-                finish_reason: str | None, keep_partial: bool, parser: ReplyParser | None,
-                cache_valid: bool = True, stop_token: int | None = None) -> None:
+    def _finish(self, history: list[Message], first: int, tokens: list[int],
+                finish_reason: str | None, keep_partial: bool,
+                parser: ReplyParser | None = None) -> None:
         stopped = finish_reason == "cancelled"
-        if cache_valid and self._cache is not None:
-            fed = ids + tokens + ([stop_token] if stop_token is not None else [])
-            self._cached_ids = fed[:cache_offset(self._cache)]
-            if self._draft_cache is not None:
-                self._draft_ids = fed[:cache_offset(self._draft_cache)]
         if stopped and not keep_partial:
             return  # the conversation stays as it was before this turn
         text, calls = self.model.tokenizer.decode(tokens), []
@@ -349,21 +302,21 @@ class Chat:
                                            stopped=stopped, tool_calls=calls)]
         self.first_turn = first
 
-    def _fit(self, history: list[Message], settings: SamplingSettings) -> tuple[int, list[int]]:
+    def _fit(self, history: list[Message], settings: SamplingSettings) -> tuple[int, Prompt]:
         """Drop the oldest turns (whole exchanges: a message, its replies, calls and results,
         images with them; the system prompt stays) until the prompt leaves room for a reply.
-        Returns (first kept index, prompt ids)."""
+        Returns (first kept index, the prompt)."""
         room = min(settings.max_tokens, self.context_limit // 4)
         first = self.first_turn
         starts = _exchanges(history)
         while True:
-            ids = self._conversation_ids(history[first:])
-            if len(ids) + room <= self.context_limit:
-                return first, ids
+            prompt = self._prompt(history[first:])
+            if len(prompt.ids) + room <= self.context_limit:
+                return first, prompt
             later = [i for i in starts if first < i]
             if not later:
                 raise ContextOverflow(
-                    f"this message needs {len(ids)} tokens but the context window holds "
+                    f"this message needs {len(prompt.ids)} tokens but the context window holds "
                     f"{self.context_limit} (with {room} kept for the reply): shorten it"
                     + (", or raise --max-context" if self.context_limit < self.model.context_limit
                        else ""))
@@ -405,113 +358,21 @@ class Chat:
                                name=call.name))
         return out
 
-    def _reuse_cache(self, ids: list[int], pictures: list[str]) -> int:
-        """Keep the longest cached prefix of `ids` (at least one token must be new) that holds
-        the same pictures (compared by content key at each image's `<start_of_image>`); trim
-        the cache to it, or start a fresh cache if it cannot be trimmed. Returns its length."""
-        if self._cache is None:
-            self._cache, self._cached_ids = self.model.make_cache(self.kv_bits), []
-        boi = self.model.config.boi_token_index
-        common = block = 0
-        for a, b in zip(self._cached_ids, ids, strict=False):
-            if a != b:
-                break
-            if b == boi:
-                cached = self._cached_pictures[block:block + 1]
-                if cached != pictures[block:block + 1]:
-                    break  # another picture in the same place: prefill from its block on
-                block += 1
-            common += 1
-        common = min(common, len(ids) - 1)
-        if not _trim(self._cache, len(self._cached_ids) - common):
-            self._cache, common = self.model.make_cache(self.kv_bits), 0
-        self._cached_ids, self._cached_pictures = ids[:common], list(pictures)
-        return common
-
-    def _draft(self, ids: list[int]) -> Draft | None:
-        """The draft model's part of this turn: its cache, trimmed to the longest prefix of
-        `ids` it holds (or fresh where it cannot be trimmed), and the ids it has yet to read.
-        It sees no pictures, so the ids are all there is to compare."""
-        if self.draft_model is None:
-            return None
-        if self._draft_cache is None:
-            self._draft_cache, self._draft_ids = self.draft_model.make_cache(), []
-        common = 0
-        for a, b in zip(self._draft_ids, ids, strict=False):
-            if a != b:
-                break
-            common += 1
-        if not _trim(self._draft_cache, len(self._draft_ids) - common):
-            self._draft_cache, common = self.draft_model.make_cache(), 0
-        self._draft_ids = ids[:common]
-        return Draft(self.draft_model, self._draft_cache, ids[common:], self.num_draft_tokens)
-
     # ---- tokens and images -------------------------------------------------------------
 
-    def _conversation_ids(self, messages: Sequence[Message],
-                          generation_prompt: bool = True) -> list[int]:
-        """The prompt ids: turns alternate user/model; tool results (and a message sent with
-        them) make one user turn; the first user turn starts with the system prompt and the
-        tool definitions (tools.py)."""
-        tokenizer = self.model.tokenizer
-        ids = [tokenizer.bos_token_id]
-        prefix = f"{self.system}\n\n" if self.system else ""
-        if self._prompted_tools:
-            prefix += render_definitions(self._prompted_tools)
-        for i, turn in enumerate(_turns(messages)):
-            role = turn[0].role
-            if (role != "assistant") != (i % 2 == 0):
-                raise BadRequest("conversation roles must alternate user/assistant/user/...")
-            if role == "assistant":
-                message = turn[0]
-                if message.token_ids is not None:
-                    ids += encode(tokenizer, f"{START_OF_TURN}model\n") + message.token_ids
-                    ids += encode(tokenizer, f"{END_OF_TURN}\n")
-                    continue
-                text = "\n".join(t for t in (message.text.strip(),
-                                             render_calls(message.tool_calls)) if t)
-                ids += encode(tokenizer, render_turn("assistant", text))
-                continue
-            content = self._turn_content(turn)
-            text = render_turn("user", content, prefix if i == 0 else "")
-            ids += encode(tokenizer, text, self._image_tokens())
-        if generation_prompt:
-            ids += encode(tokenizer, GENERATION_PROMPT)
-        return ids
-
-    def _turn_content(self, turn: list[Message]) -> str | list:
-        """A user turn: the tool results (tool_output blocks), then the message, if any."""
-        results = [m.text for m in turn if m.role == "tool"]
-        asked = [m for m in turn if m.role == "user"]
-        if not results:
-            return self._content(asked[0])
-        head = render_results(results)
-        if not asked:
-            return head
-        content = self._content(asked[0])
-        if isinstance(content, str):
-            return f"{head}\n\n{content}"
-        return [{"type": "text", "text": head}, *content]
-
-    def _content(self, message: Message) -> str | list:
-        if not message.images:
-            return message.text
-        items: list[dict] = []
-        for attachment in message.images:
-            crops = self._crops(attachment)
-            if crops:
-                items.append({"type": "text", "text": pan_and_scan_text(len(crops))})
-            else:
-                items.append({"type": "image"})
-        items.append({"type": "text", "text": message.text})
-        return items
-
-    def _image_tokens(self) -> ImageTokens | None:
-        cfg = self.model.config
-        if not cfg.has_vision:
-            return None
-        return ImageTokens(cfg.boi_token_index, cfg.eoi_token_index, cfg.image_token_index,
-                           cfg.mm_tokens_per_image)
+    def _prompt(self, messages: Sequence[Message], generation_prompt: bool = True) -> Prompt:
+        """The prompt: turns alternate user/model; tool results (and a message sent with them)
+        make one user turn; the first user turn starts with the tool definitions (tools.py),
+        after the system prompt."""
+        turns = [_user_turn(group) if group[0].role != "assistant" else _turn(group[0])
+                 for group in _turns(messages)]
+        first = next((t for t in turns if t["role"] == "user"), None)
+        if self._prompted_tools and first is not None:
+            first["content"] = prepend_text(render_definitions(self._prompted_tools),
+                                            first["content"])
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return build_prompt(self.model.tokenizer, system + turns, image_tokens(self.model),
+                            self.pan_and_scan, generation_prompt)
 
     def _attachment(self, source: ImageSource) -> Attachment:
         if not self.model.config.has_vision:
@@ -519,47 +380,42 @@ class Chat:
                            "(4b, 12b, 27b) to send images")
         return Attachment.load(source)
 
-    def _crops(self, attachment: Attachment) -> list:
-        return pan_and_scan(attachment.image) if self.pan_and_scan else []
 
-    def _image_blocks(self, ids: Sequence[int]) -> int:
-        return sum(1 for t in ids if t == self.model.config.boi_token_index)
-
-    def _pictures(self, messages: Sequence[Message]) -> list[tuple[str, Any]]:
-        """(content key, image) of each image block of these messages, in prompt order: every
-        picture, then its pan-and-scan crops."""
-        pictures = []
-        for message in messages:
-            if message.role != "user":
-                continue
-            for attachment in message.images:
-                pictures.append((attachment.hash, attachment.image))
-                for j, crop in enumerate(self._crops(attachment)):
-                    pictures.append((f"{attachment.hash}/crop{j}", crop))
-        return pictures
-
-    def _image_features(self, needed: Sequence[tuple[str, Any]]) -> mx.array | None:
-        """Soft tokens [n_blocks, 256, hidden] for the image blocks not yet in the cache,
-        each picture encoded once (features cached by content hash)."""
-        if not needed:
-            return None
-        size = self.model.config.vision.image_size
-        missing = list({key: img for key, img in needed if key not in self._features}.items())
-        if missing:
-            pixels = mx.array(np.stack([preprocess(img, size) for _, img in missing]))
-            encoded = self.model.net.encode_images(pixels)
-            mx.eval(encoded)
-            for (key, _), features in zip(missing, encoded, strict=True):
-                self._features[key] = features
-        stacked = mx.stack([self._features[key] for key, _ in needed])
-        for key, _ in needed:  # the least recently used go first, never this turn's
-            self._features[key] = self._features.pop(key)
-        while len(self._features) > FEATURE_CACHE_SIZE:
-            self._features.pop(next(iter(self._features)))
-        return stacked
+def _turn(message: Message) -> dict[str, Any]:
+    """A message as `build_prompt` takes it: its pictures first, then its text (a reply: its
+    text, then its calls, unless it is replayed as its own tokens)."""
+    text = message.text
+    if message.role == "assistant" and message.tool_calls:
+        text = "\n".join(t for t in (text.strip(), render_calls(message.tool_calls)) if t)
+    turn: dict[str, Any] = {"role": message.role, "content": text}
+    if message.images:
+        turn["content"] = [*({"type": "image", "attachment": a} for a in message.images),
+                           {"type": "text", "text": message.text}]
+    if message.role == "assistant" and message.token_ids is not None:
+        turn["token_ids"] = message.token_ids
+    return turn
 
 
-# ---- turns and tool calls --------------------------------------------------------------------
+def _user_turn(group: list[Message]) -> dict[str, Any]:
+    """A user turn: the tool results (tool_output blocks), then the message sent, if any."""
+    results = [m.text for m in group if m.role == "tool"]
+    asked = [m for m in group if m.role == "user"]
+    if not results:
+        return _turn(asked[0])
+    head = render_results(results)
+    if not asked:
+        return {"role": "user", "content": head}
+    return {"role": "user", "content": prepend_text(head + "\n\n", _turn(asked[0])["content"])}
+
+
+def image_tokens(model: Model) -> ImageTokens | None:
+    """The ids of an image block of this model (None for text-only models)."""
+    cfg = model.config
+    if not cfg.has_vision:
+        return None
+    return ImageTokens(cfg.boi_token_index, cfg.eoi_token_index, cfg.image_token_index,
+                       cfg.mm_tokens_per_image)
+
 
 def _turns(messages: Sequence[Message]) -> list[list[Message]]:
     """Messages grouped into the prompt's turns: each reply alone; tool results with the
@@ -604,27 +460,6 @@ def with_tool_calls(chunks: Iterator[Chunk], parser: ReplyParser | None) -> Iter
 
 
 # ---- saving helpers -------------------------------------------------------------------------
-
-def _trim(cache: list, excess: int) -> bool:
-    """Drop the cache's last `excess` tokens; False where it cannot (a rotating cache that has
-    wrapped: its old keys are gone), and the caller starts a fresh cache instead."""
-    if excess <= 0:
-        return True
-    if not can_trim_prompt_cache(cache):
-        return False
-    trim_prompt_cache(cache, excess)
-    return True
-
-
-def _where(source: ImageSource) -> str | None:
-    """What a saved chat refers to: a URL as given, a file by its absolute path (a relative
-    one would be looked up beside the saved chat, not in the folder it was given from)."""
-    if isinstance(source, str) and source.startswith(("http://", "https://")):
-        return source
-    if isinstance(source, (str, Path)):
-        return str(Path(source).resolve())
-    return None
-
 
 def _message_to_json(message: Message, embed_images: bool) -> dict:
     data: dict[str, Any] = {"role": message.role, "text": message.text}
@@ -695,7 +530,7 @@ def prompt_ids(model: Model, prompt: str, system: str | None = None,
     # Not `prompt_tokens`: the engine fits a one-shot reply into whatever room is left.
     chat = Chat(model, system=system)
     chat._prompted_tools = tuple(tools)
-    return chat._conversation_ids([Message("user", prompt)])
+    return chat._prompt([Message("user", prompt)]).ids
 
 
 def stream(model: Model, prompt: str, *, system: str | None = None, raw: bool | None = None,

@@ -1,4 +1,4 @@
-"""`python -m gemma_mlx`: one-shot questions, and the chat, convert and bench subcommands.
+"""`python -m gemma_mlx`: one-shot questions, and the chat, convert, bench and serve subcommands.
 
 Only generated text goes to stdout; notes, statistics and errors go to stderr. Every user error
 is one line and a non-zero exit code, never a traceback.
@@ -7,13 +7,15 @@ is one line and a non-zero exit code, never a traceback.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 
 from .errors import BadRequest, GemmaError
 from .hub import DEFAULT_MODEL, MODEL_NAMES
+from .interrupt import Interrupt
 
-SUBCOMMANDS = ("chat", "convert", "bench")
+SUBCOMMANDS = ("chat", "convert", "bench", "serve")
 MMPROJ_HELP = ("llama.cpp's vision projector GGUF (e.g. mmproj-model-f16.gguf) for a .gguf "
                "model: adds its vision tower, for --image")
 EXIT_ERROR = 1
@@ -30,11 +32,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return chat_command(argv[1:])
         if command == "bench":
             return bench_command(argv[1:])
-        return oneshot_command(argv)
+        if command == "serve":
+            return serve_command(argv[1:])
+        with Interrupt().installed() as interrupt:  # first: Ctrl-C during imports counts too
+            return oneshot_command(argv, interrupt)
     except GemmaError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # more Ctrl-C while exiting change nothing
         print("\ninterrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
 
@@ -108,7 +114,8 @@ def oneshot_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m gemma_mlx",
         description="Ask Gemma 3 one question. Subcommands: chat (the terminal app), "
-                    "convert (to an MLX folder), bench (speed and memory).")
+                    "convert (to an MLX folder), bench (speed and memory), serve (an OpenAI- "
+                    "and Ollama-compatible server).")
     parser.add_argument("prompt", help="the prompt; '-' reads it from stdin")
     add_model_option(parser)
     add_sampling_options(parser)
@@ -133,7 +140,7 @@ def oneshot_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def oneshot_command(argv: list[str]) -> int:
+def oneshot_command(argv: list[str], interrupt: Interrupt) -> int:
     args = oneshot_parser().parse_args(argv)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     sampling = sampling_from(args)
@@ -152,15 +159,18 @@ def oneshot_command(argv: list[str]) -> int:
         from .speculative import load_draft
 
         drafting["draft_model"] = load_draft(args.draft_model, model)
+    interrupt.check()  # a Ctrl-C swallowed while loading (in a finalizer) still stops here
     raw = True if args.raw else None
     explain_raw = raw is None and not model.has_chat_template and not args.image
-    stats = None
+    chunk = None
     extra = {"images": args.image, "pan_and_scan": args.pan_and_scan} if args.image else {}
     if schema is not None:
         extra["json_schema"] = schema
     noted: set[str] = set()
     for chunk in stream(model, prompt, system=args.system, raw=raw, max_context=args.max_context,
-                        kv_bits=args.kv_bits, **drafting, **extra, **sampling):
+                        kv_bits=args.kv_bits, should_stop=interrupt, **drafting, **extra,
+                        **sampling):
+        interrupt.streaming()
         if explain_raw:  # once the prompt is accepted: an error stays a single line
             print(f"note: {model.name} has no chat template (a base model), so the prompt is "
                   "completed as plain text, as with --raw", file=sys.stderr)
@@ -171,10 +181,11 @@ def oneshot_command(argv: list[str]) -> int:
                 noted.add(notice)
         sys.stdout.write(chunk.text)
         sys.stdout.flush()
-        stats = chunk.stats
     sys.stdout.write("\n")
-    if args.verbose and stats is not None:
-        print(stats.summary(), file=sys.stderr)
+    if args.verbose and chunk is not None:
+        print(chunk.stats.summary(), file=sys.stderr)
+    if chunk is not None and chunk.finish_reason == "cancelled":
+        raise KeyboardInterrupt
     return 0
 
 
@@ -266,6 +277,69 @@ def chat_command(argv: list[str]) -> int:
     return run(args.model, system=args.system, load_path=args.load,
                max_context=args.max_context, kv_bits=args.kv_bits, sampling=sampling,
                **drafting, **options)
+
+
+def serve_command(argv: list[str]) -> int:
+    import os
+
+    parser = argparse.ArgumentParser(
+        prog="python -m gemma_mlx serve",
+        description="Serve one model over HTTP with OpenAI's API (/v1) and Ollama's (/api).")
+    add_model_option(parser)
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default: 127.0.0.1, this machine only)")
+    parser.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
+    parser.add_argument("--api-key", default=os.environ.get("GEMMA_MLX_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on every endpoint but "
+                             "/health (default: $GEMMA_MLX_API_KEY)")
+    add_memory_options(parser)
+    add_draft_options(parser)
+    parser.add_argument("--pan-and-scan", action="store_true",
+                        help="also show the model crops of large or non-square images")
+    parser.add_argument("--cors", nargs="+", default=[], metavar="ORIGIN",
+                        help="allow browsers on these origins (default: CORS off)")
+    parser.add_argument("--max-batch", type=int, default=None, metavar="N",
+                        help="requests decoded together (continuous batching; default: as "
+                             "many as fit in half the memory the weights leave, at most 16)")
+    parser.add_argument("--max-queue", type=int, default=16, metavar="N",
+                        help="requests that may wait for the model; more get 429 (default: 16)")
+    parser.add_argument("--allow-private-urls", action="store_true",
+                        help="let image URLs point to loopback, private and link-local "
+                             "addresses (off: the server cannot be used to reach its network)")
+    parser.add_argument("--cache-sessions", type=int, default=4, metavar="N",
+                        help="KV caches kept between requests for prefix reuse (default: 4)")
+    parser.add_argument("--cache-memory", type=float, default=8.0, metavar="GB",
+                        help="most memory those caches keep (default: 8 GB)")
+    parser.add_argument("--max-body-mb", type=int, default=100, metavar="MB",
+                        help="largest request body (default: 100 MB)")
+    parser.add_argument("--verbose", "-v", action="store_true",
+                        help="also log request bodies (prompts included)")
+    args = parser.parse_args(argv)
+    check_max_context(args.max_context)
+    drafting = draft_options(args)
+    for name, value in (("--port", args.port), ("--max-queue", args.max_queue),
+                        ("--max-batch", args.max_batch or 1),
+                        ("--cache-sessions", args.cache_sessions),
+                        ("--max-body-mb", args.max_body_mb)):
+        if value < (0 if name == "--max-queue" else 1) or (name == "--port" and value > 65535):
+            raise BadRequest(f"{name} is out of range (got {value})")
+    from .loading import load
+    from .server import serve
+
+    print(f"loading {args.model} ...", file=sys.stderr, flush=True)
+    model = load(args.model, mmproj=args.mmproj)
+    draft = None
+    if args.draft_model is not None:
+        from .speculative import load_draft
+
+        draft = load_draft(args.draft_model, model)
+    serve(model, host=args.host, port=args.port, draft_model=draft, api_key=args.api_key,
+          cors=args.cors, max_queue=args.max_queue, max_batch=args.max_batch,
+          allow_private_urls=args.allow_private_urls,
+          max_context=args.max_context, kv_bits=args.kv_bits, pan_and_scan=args.pan_and_scan,
+          cache_sessions=args.cache_sessions, cache_bytes=int(args.cache_memory * 2**30),
+          max_body_bytes=args.max_body_mb << 20, verbose=args.verbose, **drafting)
+    return 0
 
 
 def bench_command(argv: list[str]) -> int:

@@ -19,6 +19,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .errors import BadRequest, ContextOverflow
 from .loading import Model
+from .model.decode import compiled_decode
 
 if TYPE_CHECKING:
     from .constrain import Constraint
@@ -111,16 +112,67 @@ class Chunk:
     tokens: list[int] = field(default_factory=list)  # every generated token so far
     notices: list[str] = field(default_factory=list)  # what the user should be told
     tool_calls: list = field(default_factory=list)  # the last chunk's, when the reply calls
+    logprob: float | None = None  # with `logprobs`: the token's log-probability ...
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)  # ... and the top ones
 
 
-def prefill(model: Model, ids: Sequence[int], cache: list, chunk: int = PREFILL_CHUNK,
-            image_features: mx.array | None = None) -> mx.array:
+class Logprobs:
+    """Log-probabilities of each sampled token (and of the `top` likeliest), as the model gives
+    them before sampling's filters and temperature. Recorded on the device with each step and
+    read in order as the tokens are, so the pipelined decode never waits for them."""
+
+    def __init__(self, top: int = 0):
+        self.top = top
+        self._pending: list[tuple[mx.array, ...]] = []
+
+    def record(self, logprobs: mx.array, token: mx.array) -> list[mx.array]:
+        """Queue this step's figures; returns the arrays to evaluate with the token."""
+        arrays = [logprobs[token]]
+        if self.top:
+            ids = mx.argpartition(-logprobs, self.top - 1)[:self.top]
+            arrays += [ids, logprobs[ids]]
+        self._pending.append(tuple(arrays))
+        return arrays
+
+    def pop(self) -> tuple[float, list[tuple[int, float]]]:
+        """The oldest queued step's (logprob, [(id, logprob)] likeliest first)."""
+        chosen, *top = self._pending.pop(0)
+        pairs = []
+        if top:
+            pairs = sorted(zip(top[0].tolist(), top[1].tolist(), strict=True),
+                           key=lambda pair: -pair[1])
+        return chosen.item(), pairs
+
+
+class PrefillStopped(Exception):
+    """`should_stop` said stop between two prefill chunks (the cache holds those before)."""
+
+
+def prefill(model: Model, ids: Sequence[int], cache: list, chunk: int | None = None,
+            image_features: mx.array | None = None,
+            should_stop: Callable[[], bool] | None = None) -> mx.array:
     """Run the prompt through the model in chunks; return the last position's logits [vocab].
+    `should_stop` is asked before each chunk: a long prompt can be stopped too
+    (PrefillStopped)."""
+    chunks = prefill_chunks(model, ids, cache, chunk, image_features)
+    while True:
+        if should_stop is not None and should_stop():
+            raise PrefillStopped
+        logits = next(chunks)
+        if logits is not None:
+            return logits
+
+
+def prefill_chunks(model: Model, ids: Sequence[int], cache: list, chunk: int | None = None,
+                   image_features: mx.array | None = None) -> Iterator[mx.array | None]:
+    """The prefill one chunk at a time (so that a batch can decode between them): None after
+    each chunk but the last, then the last position's logits [vocab].
 
     A chunk never ends inside an image (its tokens attend to each other both ways), and each
     chunk gets the soft tokens of the images it holds. Only the last position goes through
     the output head (262k columns)."""
     image_token = model.config.image_token_index
+    chunk = chunk or PREFILL_CHUNK
     ids = list(ids)
     start, images_done = 0, 0
     per_image = model.config.mm_tokens_per_image
@@ -133,9 +185,11 @@ def prefill(model: Model, ids: Sequence[int], cache: list, chunk: int = PREFILL_
         images_done += n_images
         h = model.net.hidden(mx.array(ids[start:end])[None], cache, features, eval_layers=True)
         if end == len(ids):
-            return model.net.logits(h[:, -1, :])[0]
+            yield model.net.logits(h[:, -1, :])[0]
+            return
         mx.eval([c.state for c in cache])
         mx.clear_cache()
+        yield None
         start = end
 
 
@@ -158,12 +212,17 @@ def chunk_end(ids: Sequence[int], start: int, chunk: int, image_token: int) -> i
 def generate_tokens(model: Model, prompt: Sequence[int], cache: list,
                     settings: SamplingSettings, stats: Stats,
                     image_features: mx.array | None = None,
-                    compiled: bool = True, constraint: Constraint | None = None) -> Iterator[int]:
-    """Yield sampled token ids. Decode is pipelined: step n+1 is queued with `mx.async_eval`
-    before step n's token is read, so Python and the device overlap. Each decode step is one
-    compiled graph (`TextDecoder.compiled_decode`) where the caches allow; `compiled=False`
-    decodes op by op through the model instead (the reference the compiled path must equal).
-    A `constraint` (constrain.py) masks each step's logits to the tokens its grammar allows."""
+                    compiled: bool = True,
+                    should_stop: Callable[[], bool] | None = None,
+                    logprobs: Logprobs | None = None,
+                    constraint: Constraint | None = None) -> Iterator[int]:
+    """Yield sampled token ids (`should_stop` can end the prefill: PrefillStopped; `logprobs`
+    records each token's log-probabilities, in order, for the caller to read). Decode is
+    pipelined: step n+1 is queued with `mx.async_eval` before step n's token is read, so Python
+    and the device overlap. Each decode step is one compiled graph (`model.decode.compiled_decode`)
+    where the caches allow; `compiled=False` decodes op by op through the model instead (the
+    reference the compiled path must equal). A `constraint` (constrain.py) masks each step's
+    logits to the tokens its grammar allows (logprobs stay the model's own, before the mask)."""
     if settings.seed is not None:
         mx.random.seed(settings.seed)
     sampler = make_sampler(settings.temp, settings.top_p, settings.min_p, top_k=settings.top_k)
@@ -172,6 +231,7 @@ def generate_tokens(model: Model, prompt: Sequence[int], cache: list,
 
     def sample(logits: mx.array, allowed: mx.array | None = None) -> mx.array:
         nonlocal history
+        raw = logits
         if allowed is not None:
             logits = mx.where(allowed, logits, -mx.inf)
         for processor in processors:
@@ -179,6 +239,8 @@ def generate_tokens(model: Model, prompt: Sequence[int], cache: list,
         token = sampler((logits - mx.logsumexp(logits))[None])
         if processors:
             history = mx.concatenate([history, token])
+        if logprobs is not None:
+            mx.async_eval(logprobs.record(raw - mx.logsumexp(raw), token[0]))
         return token
 
     fast = None
@@ -189,12 +251,13 @@ def generate_tokens(model: Model, prompt: Sequence[int], cache: list,
         return model.net.logits(model.net.hidden(token[None], cache)[:, -1, :])[0]
 
     start = time.perf_counter()
-    logits = prefill(model, prompt, cache, image_features=image_features)
+    logits = prefill(model, prompt, cache, image_features=image_features,
+                     should_stop=should_stop)
     if constraint is not None:
         mx.async_eval(logits)  # the first mask is computed while the prompt runs
     token = sample(logits, constraint.mask() if constraint is not None else None)
     if compiled:
-        fast = model.net.decoder.compiled_decode(cache)
+        fast = compiled_decode(model.net.decoder, cache)
     mx.eval(token)
     stats.prompt_tokens = len(prompt)
     stats.prompt_seconds = time.perf_counter() - start
@@ -249,13 +312,19 @@ def stream_tokens(model: Model, prompt: Sequence[int], settings: SamplingSetting
                   should_stop: Callable[[], bool] = lambda: False,
                   image_features: mx.array | None = None,
                   context_limit: int | None = None, draft: Any = None,
+                  logprobs: int | None = None,
                   constraint: Constraint | None = None) -> Iterator[Chunk]:
     """Generate from prompt ids (the tokens after those already in `cache`), yielding text
     chunks; stops at <end_of_turn> / <eos>, at max_tokens or at the context limit. With a
-    `speculative.Draft`, its draft model proposes tokens that the model checks; a `constraint`
-    (constrain.py) keeps the reply to its grammar, and turns drafting off (a notice says so:
-    the draft's proposals would not be checked against the grammar)."""
+    `speculative.Draft`, its draft model proposes tokens that the model checks. `logprobs`
+    (0 for the chosen token's only, or how many of the likeliest) fills the chunks' logprobs.
+    A `constraint` (constrain.py) keeps the reply to its grammar, and turns drafting off (a
+    notice says so: the draft's proposals would not be checked against the grammar)."""
     settings.validate()
+    if logprobs is not None and draft is not None:
+        raise BadRequest("log-probabilities are not reported with a draft model: leave out one")
+    if logprobs is not None and not 0 <= logprobs <= 20:
+        raise BadRequest(f"top logprobs must be between 0 and 20 (got {logprobs})")
     if len(prompt) == 0:
         raise BadRequest("the prompt is empty: give some text to complete")
     cache = cache if cache is not None else model.make_cache()
@@ -277,26 +346,35 @@ def stream_tokens(model: Model, prompt: Sequence[int], settings: SamplingSetting
         notices.append(SPECULATION_OFF)
         draft = None
     # On Metal, keep the weights wired while generating, as mlx-lm does (a no-op elsewhere).
+    recorder = Logprobs(logprobs) if logprobs is not None else None
+    extra = {"logprobs": recorder} if recorder is not None else {}
     if draft is not None:
-        ids = draft.tokens(model, prompt, cache, settings, stats, image_features=image_features)
+        ids = draft.tokens(model, prompt, cache, settings, stats, image_features=image_features,
+                           should_stop=should_stop, **extra)
     else:
         ids = generate_tokens(model, prompt, cache, settings, stats,
-                              image_features=image_features, constraint=constraint)
+                              image_features=image_features, should_stop=should_stop,
+                              constraint=constraint, **extra)
     # Closed on leaving the loop (a draft then rolls both caches back to the tokens read).
     with wired_limit(model.net), closing(ids):
         # should_stop is asked once per token, here (asking twice could see it change between
         # the two and end the reply as "length" instead of "cancelled").
-        for token in ids:
-            if token in stop_ids:
-                finish, stop_token = "stop", token
-                break
-            tokens.append(token)
-            detok.add_token(token)
-            stats.peak_memory = mx.get_peak_memory()
-            yield Chunk(detok.last_segment, token, stats, tokens=tokens, notices=notices)
-            if should_stop():
-                finish = "cancelled"
-                break
+        try:
+            for token in ids:
+                scores = recorder.pop() if recorder is not None else (None, [])
+                if token in stop_ids:
+                    finish, stop_token = "stop", token
+                    break
+                tokens.append(token)
+                detok.add_token(token)
+                stats.peak_memory = mx.get_peak_memory()
+                yield Chunk(detok.last_segment, token, stats, tokens=tokens, logprob=scores[0],
+                            top_logprobs=scores[1], notices=notices)
+                if should_stop():
+                    finish = "cancelled"
+                    break
+        except PrefillStopped:
+            finish = "cancelled"
     detok.finalize()
     stats.peak_memory = mx.get_peak_memory()
     yield Chunk(detok.last_segment, stop_token, stats, finish_reason=finish, tokens=tokens,

@@ -16,7 +16,9 @@ import re
 import urllib.error
 import urllib.request
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -173,3 +175,27 @@ def image_hash(image: Image.Image) -> str:
     digest = hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode())
     digest.update(rgb.tobytes())
     return digest.hexdigest()
+
+
+@dataclass
+class Attachment:
+    """An image in a message: the decoded picture, its content hash and where it came from."""
+
+    image: Any  # PIL.Image.Image, RGB
+    hash: str
+    source: str | None = None  # a path or URL, for saving; None for bytes / PIL input
+
+    @classmethod
+    def load(cls, source: ImageSource) -> Attachment:
+        image = load_image(source)
+        return cls(image, image_hash(image), _where(source))
+
+
+def _where(source: ImageSource) -> str | None:
+    """What a saved chat refers to: a URL as given, a file by its absolute path (a relative
+    one would be looked up beside the saved chat, not in the folder it was given from)."""
+    if isinstance(source, str) and source.startswith(("http://", "https://")):
+        return source
+    if isinstance(source, (str, Path)):
+        return str(Path(source).resolve())
+    return None

@@ -4,15 +4,19 @@ Messages are dicts as in transformers: {"role": "system"|"user"|"assistant", "co
 [{"type": "text", "text": ...}, {"type": "image"}]}. A leading system message is folded into the
 first user turn; every image becomes `<start_of_image>`, which the processor then expands into
 the 256 soft tokens framed by blank lines.
+
+`build_prompt` is what the library's Chat and the server both use: messages whose image items
+carry their `Attachment` become the token ids plus the pictures of their image blocks, in order.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import BadRequest
+from .images import pan_and_scan
 
 BOS = "<bos>"
 START_OF_TURN = "<start_of_turn>"
@@ -147,3 +151,68 @@ def _content_text(content: str | list) -> str:
 def _jinja_trim(s: str) -> str:
     """Jinja's `trim` filter is Python's str.strip()."""
     return s.strip()
+
+
+@dataclass
+class Picture:
+    """What fills one image block: a picture (or a pan-and-scan crop of one), keyed by its
+    content, so a cached block is known again by what it shows, not by where it came from."""
+
+    key: str
+    image: Any  # PIL.Image.Image
+
+
+@dataclass
+class Prompt:
+    """Token ids and the pictures of their image blocks, in order."""
+
+    ids: list[int]
+    pictures: list[Picture] = field(default_factory=list)
+
+
+def build_prompt(tokenizer: Any, messages: Sequence[dict[str, Any]], image: ImageTokens | None,
+                 pan_and_scan_images: bool = False,
+                 add_generation_prompt: bool = True) -> Prompt:
+    """The ids of a conversation as the official template and processor give them.
+
+    An image item is {"type": "image", "attachment": Attachment}; with `pan_and_scan_images`
+    it becomes the processor's "Here is the original image ..." text and one block per crop.
+    A model turn with "token_ids" is replayed as those exact tokens (what the model generated),
+    so a KV cache that read them matches."""
+    messages = list(messages)
+    prefix = ""
+    if messages and messages[0]["role"] == "system":
+        prefix = _system_text(messages[0]["content"]) + "\n\n"
+        messages = messages[1:]
+    ids = [tokenizer.bos_token_id]
+    pictures: list[Picture] = []
+    for i, message in enumerate(messages):
+        if (message["role"] == "user") != (i % 2 == 0):
+            raise BadRequest("conversation roles must alternate user/assistant/user/...")
+        if message["role"] == "assistant" and message.get("token_ids") is not None:
+            ids += encode(tokenizer, f"{START_OF_TURN}model\n") + list(message["token_ids"])
+            ids += encode(tokenizer, f"{END_OF_TURN}\n")
+            continue
+        content = message["content"]
+        if not isinstance(content, str):
+            content = [_image_item(item, pictures, pan_and_scan_images) for item in content]
+        text = render_turn(message["role"], content, prefix if i == 0 else "")
+        ids += encode(tokenizer, text, image)
+    if add_generation_prompt:
+        ids += encode(tokenizer, GENERATION_PROMPT)
+    return Prompt(ids, pictures)
+
+
+def _image_item(item: dict[str, Any], pictures: list[Picture], crops: bool) -> dict[str, Any]:
+    """An image item as the template sees it, its pictures appended in prompt order."""
+    if item["type"] != "image":
+        return item
+    attachment = item["attachment"]
+    pictures.append(Picture(attachment.hash, attachment.image))
+    if not crops:
+        return {"type": "image"}
+    parts = pan_and_scan(attachment.image)
+    pictures += [Picture(f"{attachment.hash}/crop{j}", crop) for j, crop in enumerate(parts)]
+    if not parts:
+        return {"type": "image"}
+    return {"type": "text", "text": pan_and_scan_text(len(parts))}

@@ -47,6 +47,7 @@ from mlx_lm.sample_utils import (
 from .engine import SamplingSettings, Stats, prefill
 from .errors import BadRequest
 from .loading import Model
+from .model.decode import compiled_decode
 
 DEFAULT_NUM_DRAFT_TOKENS = 3
 MAX_NUM_DRAFT_TOKENS = 64
@@ -116,7 +117,8 @@ class Draft:
     def tokens(self, model: Model, prompt: Sequence[int], cache: list,
                settings: SamplingSettings, stats: Stats,
                image_features: mx.array | None = None,
-               compiled: bool = True) -> Iterator[int]:
+               compiled: bool = True,
+               should_stop: Callable[[], bool] | None = None) -> Iterator[int]:
         """Yield the target's tokens as `engine.generate_tokens` does (same arguments), drafting
         `num_draft_tokens` at a time. When the caller stops reading, both caches are left
         holding the prompt and the tokens it read (the last one maybe not), as after plain
@@ -126,13 +128,14 @@ class Draft:
         rule = Rule(settings, model.config.text.vocab_size)
         history = list(prompt)  # for the logits processors (repetition penalty)
         start = time.perf_counter()
-        logits = prefill(model, prompt, cache, image_features=image_features)
+        logits = prefill(model, prompt, cache, image_features=image_features,
+                         should_stop=should_stop)
         first = rule.sample(rule.logprobs(logits, history))
         if self.prompt:  # the draft reads the prompt too: its time counts in the first token's
             prefill(self.model, self.readable(self.prompt), self.cache)
         mx.eval(first, [c.state for c in self.cache])
         # The draft's one-token steps run compiled (made once: checking it is not free).
-        fast = self.model.net.decoder.compiled_decode(self.cache) if compiled else None
+        fast = compiled_decode(self.model.net.decoder, self.cache) if compiled else None
         stats.prompt_tokens = len(prompt)
         stats.prompt_seconds = time.perf_counter() - start
         decode_start = time.perf_counter()

@@ -237,7 +237,7 @@ def gemma_messages(messages: Sequence[dict], tools: Sequence[Tool] = (),
             pending = []
             if role == "user":  # one user turn: the results, then the user's text
                 out.append({"role": "user",
-                            "content": _prepend(results + "\n\n", message.get("content"))})
+                            "content": prepend_text(results + "\n\n", message.get("content"))})
                 continue
             out.append({"role": "user", "content": results})
         if role == "assistant":
@@ -259,7 +259,7 @@ def gemma_messages(messages: Sequence[dict], tools: Sequence[Tool] = (),
         if first is None:
             raise BadRequest("tools need a user message to go with (the definitions go into "
                              "the first user turn)")
-        first["content"] = _prepend(render_definitions(tools), first["content"])
+        first["content"] = prepend_text(render_definitions(tools), first["content"])
     return out
 
 
@@ -301,7 +301,7 @@ def _text(content: Any, i: int) -> str:
     raise BadRequest(f"message {i}: content must be text or a list of parts")
 
 
-def _prepend(text: str, content: Any) -> str | list:
+def prepend_text(text: str, content: Any) -> str | list:
     """Text in front of a message's content. In a content list it joins the first text part:
     the template trims each part, which would eat the newline between them."""
     if content is None or isinstance(content, str):

@@ -140,7 +140,7 @@ class Turn:
 
 def talk(chat: Chat, text: str, images=(), **kwargs) -> Turn:
     prompt = chat.prompt_tokens(text, images)
-    cached = list(chat._cached_ids)
+    cached = list(chat.session.ids)
     chunks = list(chat.stream(text, images, **kwargs))
     return finished(chat, prompt, cached, chunks)
 
@@ -148,12 +148,12 @@ def talk(chat: Chat, text: str, images=(), **kwargs) -> Turn:
 def finished(chat: Chat, prompt: list[int], cached: list[int], chunks: list) -> Turn:
     last = chunks[-1]
     turn = Turn(prompt, cached, "".join(c.text for c in chunks), list(last.tokens),
-                last.finish_reason, last.token, chat.last_prefill_tokens)
+                last.finish_reason, last.token, chat.session.prefilled_tokens)
     assert PREFILLS[-1] == turn.prefilled  # what the engine really ran
     reply = chat.messages[-1]
     assert (reply.role, reply.text, reply.token_ids, reply.stopped) == (
         "assistant", turn.text, turn.tokens, False)
-    assert len(chat._cached_ids) == cache_offset(chat._cache)  # the bookkeeping is true
+    assert len(chat.session.ids) == cache_offset(chat.session.cache)  # the bookkeeping is true
     return turn
 
 
@@ -199,9 +199,9 @@ def state(chat: Chat) -> tuple:
     """Everything a failed request must leave as it was."""
     messages = [(m.role, m.text, m.token_ids, m.stopped, [a.hash for a in m.images])
                 for m in chat.messages]
-    offset = cache_offset(chat._cache) if chat._cache is not None else None
-    return (messages, list(chat._cached_ids), offset, chat.first_turn, list(chat.notices),
-            chat.tokens_used, chat.last_prefill_tokens, len(chat._features))
+    offset = cache_offset(chat.session.cache) if chat.session.cache is not None else None
+    return (messages, list(chat.session.ids), offset, chat.first_turn, list(chat.notices),
+            chat.tokens_used, chat.session.prefilled_tokens, len(chat.session.features))
 
 
 def end_of_turn(tokenizer) -> list[int]:
@@ -251,7 +251,7 @@ def test_270m_conversation_reuses_the_cache_and_matches_a_fresh_chat(model_270m)
     assert isinstance(reply, str) and reply == chat.messages[-1].text
     assert [(m.role, m.stopped) for m in chat.messages] == [("user", False), ("assistant", False)]
     assert chat.messages[0].text == "Hi!"
-    assert chat.last_prefill_tokens == len(prompt) == PREFILLS[-1]
+    assert chat.session.prefilled_tokens == len(prompt) == PREFILLS[-1]
     first = chat.messages[-1].token_ids
     assert 0 < len(first) <= 3
     assert chat.tokens_used == len(prompt) + len(first) + len(end_of_turn(tokenizer))
@@ -262,10 +262,10 @@ def test_270m_conversation_reuses_the_cache_and_matches_a_fresh_chat(model_270m)
     assert second.prompt[:len(second.cached)] == second.cached
     assert second.prefilled == len(second.prompt) - len(second.cached) < len(prompt)
     assert second.tokens == expected
-    assert chat._cached_ids == fed(second, max_tokens=3)
+    assert chat.session.ids == fed(second, max_tokens=3)
 
     # Retry: the 270M's window (512) has not wrapped, so the cache is trimmed to the prompt.
-    retried = finished(chat, second.prompt, list(chat._cached_ids), list(chat.retry()))
+    retried = finished(chat, second.prompt, list(chat.session.ids), list(chat.retry()))
     assert retried.prefilled == 1 and retried.tokens == second.tokens
     assert len(chat.messages) == 4 and chat.messages[-1].token_ids == second.tokens
 
@@ -287,7 +287,7 @@ def test_270m_refuses_images(model_270m, tmp_path):
                  lambda: chat.prompt_tokens("What is this?", images=[path])):
         with pytest.raises(BadImage, match="takes text only.*vision model"):
             call()
-    assert chat.messages == [] and chat._cached_ids == []
+    assert chat.messages == [] and chat.session.ids == []
 
 
 # ---- turns and the KV cache (tiny models) -----------------------------------------------------
@@ -307,11 +307,11 @@ def test_each_turn_prefills_only_new_tokens_and_matches_a_fresh_chat(request, mo
             assert turn.cached == fed(previous)
             assert turn.prompt[:len(turn.cached)] == turn.cached
             assert turn.prefilled == len(turn.prompt) - len(turn.cached)
-        assert chat._cached_ids == fed(turn)
+        assert chat.session.ids == fed(turn)
         assert len(chat.messages) == 2 * (i + 1)
         previous = turn
     if model_name == "wrapping":  # the rotating caches wrapped long ago
-        assert cache_offset(chat._cache) > 3 * model.config.text.sliding_window
+        assert cache_offset(chat.session.cache) > 3 * model.config.text.sliding_window
 
 
 @pytest.mark.parametrize("model_name", ["wrapping", "trimming"])
@@ -351,11 +351,11 @@ def test_retry_generates_the_last_reply_again(request, model_name):
     turn = talk(chat, "Name three fruits.")
     before = [m.text for m in chat.messages]
     chunks = list(chat.retry())
-    retried = finished(chat, turn.prompt, list(chat._cached_ids), chunks)
+    retried = finished(chat, turn.prompt, list(chat.session.ids), chunks)
     assert retried.tokens == turn.tokens  # greedy: the same reply
     assert [m.text for m in chat.messages] == before
     assert retried.prefilled == (1 if model_name == "trimming" else len(turn.prompt))
-    assert chat._cached_ids == fed(retried)
+    assert chat.session.ids == fed(retried)
 
     sampled = "".join(c.text for c in chat.retry(temp=1.0, top_k=0, top_p=1.0, seed=1,
                                                   max_tokens=6))
@@ -395,7 +395,7 @@ def test_clear_starts_over(wrapping):
     talk(chat, "Hello!")
     talk(chat, "Again.")
     chat.clear()
-    assert chat.messages == [] and chat.tokens_used == 0 and chat._cached_ids == []
+    assert chat.messages == [] and chat.tokens_used == 0 and chat.session.ids == []
     turn = talk(chat, "Hello!")
     assert turn.prefilled == len(turn.prompt)
     assert turn.text == Chat(wrapping, system="Be brief.", **GREEDY).send("Hello!")
@@ -478,9 +478,9 @@ def test_an_interrupted_reply_is_kept_marked_stopped_or_dropped(wrapping, how, k
         assert state(chat)[0] == before[0]  # the messages are as before the turn
         assert chat.first_turn == before[3]
     if how == "keyboard":  # a step may have been cut half-way: the cache is rebuilt
-        assert chat._cache is None and chat._cached_ids == []
+        assert chat.session.cache is None and chat.session.ids == []
     else:
-        assert chat._cached_ids == prompt + partial
+        assert chat.session.ids == prompt + partial
 
     expected = fresh_reply(chat, "Go on.")
     turn = talk(chat, "Go on.")
@@ -491,6 +491,26 @@ def test_an_interrupted_reply_is_kept_marked_stopped_or_dropped(wrapping, how, k
         assert turn.prefilled == len(turn.prompt) - len(turn.cached)
     else:  # no cache, or one holding the dropped reply that a wrapped cache cannot trim
         assert turn.prefilled == len(turn.prompt)
+
+
+def test_a_stop_during_prefill_ends_the_reply_before_its_first_token(trimming, monkeypatch):
+    """should_stop is read before each prefill chunk: a long prompt can be stopped before any
+    token, and the cache keeps the chunks read, so the next turn goes on from them."""
+    monkeypatch.setattr(engine, "PREFILL_CHUNK", 8)
+    chat = Chat(trimming, max_tokens=4, temp=0)
+    asked = []
+
+    def stop_at_third_chunk() -> bool:
+        asked.append(1)
+        return len(asked) >= 3
+
+    chunks = list(chat.stream("Tell me a long story about foxes and crows and rivers.",
+                              should_stop=stop_at_third_chunk))
+    assert [c.finish_reason for c in chunks] == ["cancelled"] and chunks[0].tokens == []
+    assert len(chat.session.ids) == cache_offset(chat.session.cache) == 16  # two chunks
+    expected = fresh_reply(chat, "Go on.")
+    turn = talk(chat, "Go on.")
+    assert turn.tokens == expected
 
 
 # ---- the context window -----------------------------------------------------------------------
@@ -595,7 +615,7 @@ def test_the_same_picture_is_encoded_once(vision, encodes, tmp_path):
     assert second.prefilled == len(second.prompt) - len(second.cached)
     third = talk(chat, "Once more.", images=[png_bytes(RED)])
     list(chat.retry())  # the wrapped cache is prefilled again, with all three images
-    assert chat.last_prefill_tokens == len(third.prompt)
+    assert chat.session.prefilled_tokens == len(third.prompt)
     assert encodes == [1]
 
     expected = fresh_reply(chat, "And these?", [GREEN, RED, GREEN])
@@ -625,12 +645,12 @@ def test_a_different_picture_after_undo_is_not_mistaken_for_the_cached_one(
 
 
 def test_more_pictures_than_the_feature_cache_holds(vision, encodes, monkeypatch):
-    monkeypatch.setattr(gemma_mlx.chat, "FEATURE_CACHE_SIZE", 2)
+    monkeypatch.setattr(gemma_mlx.session, "FEATURE_CACHE_SIZE", 2)
     chat = Chat(vision, **GREEDY)
     pictures = [RED, BLUE, GREEN]
     expected = fresh_reply(chat, "Three pictures.", pictures)
     assert talk(chat, "Three pictures.", images=pictures).tokens == expected
-    assert len(chat._features) == 2
+    assert len(chat.session.features) == 2
 
 
 def test_pan_and_scan_adds_the_crops(vision, encodes):

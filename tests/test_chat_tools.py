@@ -76,9 +76,9 @@ def test_chat_runs_python_tools_until_the_model_answers_in_text(tiny):
     assert chunks[-1].finish_reason in ("stop", "length") and not chunks[-1].tool_calls
     # The follow-up prefilled only the results turn: definitions, message and call were
     # already in the cache.
-    results_turn = chat._conversation_ids(chat.messages[:-1])
-    before = chat._conversation_ids(chat.messages[:2], generation_prompt=False)
-    assert chat.last_prefill_tokens <= len(results_turn) - len(before) + 1
+    results_turn = chat._prompt(chat.messages[:-1]).ids
+    before = chat._prompt(chat.messages[:2], generation_prompt=False).ids
+    assert chat.session.prefilled_tokens <= len(results_turn) - len(before) + 1
 
 
 def test_a_declined_call_is_not_run_and_the_model_is_told(tiny):
@@ -128,7 +128,7 @@ def test_saved_chats_keep_calls_and_results(tiny, tmp_path):
     assert any(m.tool_calls for m in loaded.messages)
     assert any(m.role == "tool" and m.tool_call_id for m in loaded.messages)
     loaded._prompted_tools = chat._prompted_tools
-    assert loaded._conversation_ids(loaded.messages) == chat._conversation_ids(chat.messages)
+    assert loaded._prompt(loaded.messages).ids == chat._prompt(chat.messages).ids
 
 
 def test_a_chat_prompt_equals_the_servers_mapping_of_the_same_conversation(tiny):
@@ -147,7 +147,7 @@ def test_a_chat_prompt_equals_the_servers_mapping_of_the_same_conversation(tiny)
               {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": -3}'},
               {"role": "user", "content": "Warm enough?"}]
     text = render(gemma_messages(openai, tools))
-    assert chat._conversation_ids(history) == encode(tiny.tokenizer, text)
+    assert chat._prompt(history).ids == encode(tiny.tokenizer, text)
 
 
 def test_json_schema_replies_in_a_chat(tiny):

@@ -1,4 +1,4 @@
-"""The compiled decode step (`TextDecoder.compiled_decode`) against the op-by-op model: same
+"""The compiled decode step (`decode.compiled_decode`) against the op-by-op model: same
 logits and greedy tokens, across the sliding window and capacity growth, on mlx-lm's caches
 that chat then keeps using (prefill, trim); the fused projections change no weight."""
 
@@ -37,7 +37,7 @@ def test_logits_equal_the_plain_step_across_window_and_growth(small_capacity_ste
     ids = mx.array([PROMPT])
     net(ids, plain)
     net(ids, fast_cache)
-    fast = net.decoder.compiled_decode(fast_cache)
+    fast = decode.compiled_decode(net.decoder, fast_cache)
     assert fast is not None
     token = mx.array([3])
     # Quantized attention sums over the whole padded buffer (masked) where the plain step
@@ -67,7 +67,7 @@ def test_trimmed_cache_after_compiled_decode_continues_correctly():
     net = ours_from(reference_model(config), config)
     cache = net.make_cache()
     net(mx.array([PROMPT]), cache)
-    fast = net.decoder.compiled_decode(cache)
+    fast = decode.compiled_decode(net.decoder, cache)
     token = mx.array([3])
     for _ in range(10):
         token = mx.argmax(fast.step(token, cache), keepdims=True).astype(mx.int32)
@@ -78,7 +78,7 @@ def test_trimmed_cache_after_compiled_decode_continues_correctly():
     fresh = net.make_cache()
     expected = net(mx.concatenate([mx.array([PROMPT[:-2]]), tail], axis=1), fresh)[:, -3:]
     assert mx.abs(net(tail, cache) - expected).max().item() < 1e-4
-    fast = net.decoder.compiled_decode(cache)  # and decoding compiled again from there
+    fast = decode.compiled_decode(net.decoder, cache)  # and decoding compiled again from there
     assert mx.abs(fast.step(mx.array([5]), cache)
                   - net(mx.array([[5]]), fresh)[0, -1]).max().item() < 1e-4
 
@@ -87,7 +87,7 @@ def test_fused_projections_keep_every_weight_and_share_memory():
     net = tiny_model().net
     before = {k: mx.array(v) for k, v in tree_flatten(net.parameters())}
     mx.eval(before)
-    program = net.decoder.decode_program()
+    program = decode.decode_program(net.decoder)
     after = dict(tree_flatten(net.parameters()))
     assert after.keys() == before.keys()
     assert all(mx.array_equal(before[k], after[k]).item() for k in before)
@@ -97,18 +97,18 @@ def test_fused_projections_keep_every_weight_and_share_memory():
     assert rows == [attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0],
                     attn.v_proj.weight.shape[0]]
     assert fused.weight.shape[0] == sum(rows)
-    assert net.decoder.decode_program() is program  # made once
+    assert decode.decode_program(net.decoder) is program  # made once
     net.load_weights(list(before.items()))  # replaced weights: made again from the new ones
-    assert net.decoder.decode_program() is not program
+    assert decode.decode_program(net.decoder) is not program
 
 
 def test_other_caches_decode_the_plain_way():
     net = tiny_model().net
-    assert net.decoder.compiled_decode(net.make_cache()) is None  # empty: nothing prefilled
+    assert decode.compiled_decode(net.decoder, net.make_cache()) is None  # empty: nothing prefilled
     cache = net.make_cache()
     net(mx.array([PROMPT]), cache)
     cache[0] = cache[0].__class__(max_size=4)  # a window the model does not have
-    assert net.decoder.compiled_decode(cache) is None
+    assert decode.compiled_decode(net.decoder, cache) is None
 
 
 def test_real_270m_greedy_tokens_equal_uncompiled(model_270m):
@@ -118,3 +118,17 @@ def test_real_270m_greedy_tokens_equal_uncompiled(model_270m):
                                  compiled=c)) for c in (False, True)]
     assert runs[0] == runs[1] and len(runs[0]) == 16
 
+
+
+def test_the_decoder_knows_nothing_of_its_compiled_step():
+    """The dependency runs one way: decode.py reads text.py's modules, never the reverse."""
+    import ast
+    import inspect
+
+    from gemma_mlx.model import text
+
+    tree = ast.parse(inspect.getsource(text))
+    imported = {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                 for alias in node.names}
+    assert not any(name.split(".")[-1] == "decode" for name in imported), imported

@@ -2,16 +2,21 @@
 
 The fixture (tests/fixtures/gemma3_golden/, written by make_gemma3_golden.py) is a tiny random
 Gemma 3 with a vision tower, saved by transformers 5 `save_pretrained`, plus transformers'
-float32 eager logits for: bos, text, image, text, image, text (31 tokens; sliding window 8, so
-the window cuts through both images). See the script's docstring for the sizes.
+float32 eager logits for: bos, text, image, text, image, text (55 tokens). Each image is 16 soft
+tokens and the sliding window is 8, so the window cuts through both images and bounds how far
+back an image token sees inside its own image: transformers' sliding layers allow
+AND(window, OR(causal, same image block)), its global layers OR(causal, same image block).
 
-Tolerance: atol 1e-4 on logits of standard deviation 4.4 and maximum |32| (float32 ulp at 32 is
-3.8e-6). Both sides compute in float32 with different kernels and summation orders (torch's
-eager attention against MLX's SDPA, torch's conv against MLX's); the measured max |diff| is about
-1e-5, i.e. a few ulps of the largest logits. A real mistake (a mask off by one position, the
-image block not bidirectional, a wrong RoPE base or scale, the image features scaled by
-sqrt(hidden)) moves logits by 0.1 or more: the causal-only logits transformers gives for the same
-prompt (token_type_ids all zero) differ from the golden ones by 3.3.
+Tolerance: atol 1e-5 on logits of standard deviation 1.8 and maximum |10.8| (float32 ulp at 8
+to 16 is 9.5e-7). Both sides compute in float32 with different kernels and summation orders
+(torch's eager attention against MLX's SDPA, torch's conv against MLX's); measured max |diff|:
+5.5e-6 for the full pass and for every chunking below, a few ulps of the largest logits (feeding
+transformers' own soft tokens instead of ours: 5.1e-6, so it is the decoder's rounding).
+A real mistake moves logits by 0.1 or more:
+- the rule before issue 9, which ORed the image block in after the window (so image tokens saw
+  their whole image, however far back): 0.76 from the golden logits (`OLD_RULE_GAP`);
+- causal-only attention, transformers' own logits for the same prompt with token_type_ids all
+  zero (what mlx-vlm 0.7.10 does): 3.8.
 """
 
 from __future__ import annotations
@@ -22,13 +27,18 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
+from mlx_lm.models.cache import RotatingKVCache
 
 from gemma_mlx.engine import prefill
 from gemma_mlx.loading import Model, load_net
+from gemma_mlx.model import gemma3
+from gemma_mlx.model.decode import compiled_decode
 
 FIXTURE = Path(__file__).parent / "fixtures" / "gemma3_golden"
-ATOL = 1e-4
-CAUSAL_GAP = 0.5  # the golden and causal-only logits must differ by more than this (they: 3.3)
+ATOL = 1e-5
+CAUSAL_GAP = 0.5  # the golden and causal-only logits must differ by more than this (they: 3.8)
+OLD_RULE_GAP = 0.1  # ... and the old window rule's (0.76)
+IMAGE_BLOCK_MASKS = gemma3.image_block_masks  # the rule under test (the old one wraps it)
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +70,24 @@ def image_blocks(ids: np.ndarray, image_token: int) -> list[tuple[int, int]]:
     return blocks
 
 
+def old_window_rule(is_image: mx.array, cache: list | None, cfg) -> tuple:
+    """The sliding mask as it was before issue 9: (window AND causal) OR same image block."""
+    global_mask, sliding_mask = IMAGE_BLOCK_MASKS(is_image, cache, cfg)
+    L = is_image.shape[0]
+    starts = is_image & ~mx.concatenate([mx.array([False]), is_image[:-1]])
+    block = mx.where(is_image, mx.cumsum(starts.astype(mx.int32)), -1)
+    same_block = (block[:, None] == block[None, :]) & (block[:, None] >= 0)
+    past = mx.zeros((L, sliding_mask.shape[-1] - L), dtype=mx.bool_)
+    return global_mask, sliding_mask | mx.concatenate([past, same_block], axis=-1)
+
+
 def test_fixture_is_what_the_tests_assume(net, golden):
     cfg = net.config
     ids = golden["input_ids"][0]
     assert cfg.text.layer_types == ["sliding_attention", "sliding_attention", "full_attention",
                                     "sliding_attention"]
     assert cfg.text.sliding_window == 8 and cfg.text.rope_global_scale == 8.0
+    assert cfg.mm_tokens_per_image == 16 > cfg.text.sliding_window  # the window bounds images
     assert (cfg.image_token_index, cfg.boi_token_index, cfg.eoi_token_index) == (500, 498, 499)
     blocks = image_blocks(ids, cfg.image_token_index)
     assert [e - s for s, e in blocks] == [cfg.mm_tokens_per_image] * 2
@@ -83,10 +105,26 @@ def test_full_pass_matches_transformers(net, golden):
     assert max_diff(logits, golden["logits_causal"]) > CAUSAL_GAP
 
 
+def test_the_old_window_rule_is_caught(net, golden, monkeypatch):
+    """The test can fail: with the image block ORed in after the window (the rule before
+    issue 9), the logits are 0.76 from transformers', full pass and chunked alike."""
+    monkeypatch.setattr(gemma3, "image_block_masks", old_window_rule)
+    logits = net(mx.array(golden["input_ids"]), pixel_values=mx.array(golden["pixel_values"]))
+    assert max_diff(logits, golden["logits"]) > OLD_RULE_GAP
+    features = net.encode_images(mx.array(golden["pixel_values"]))
+    ids = golden["input_ids"][0]
+    (s1, _), _ = image_blocks(ids, net.config.image_token_index)
+    cache = net.make_cache()
+    net(mx.array(ids[None, :s1]), cache)  # the cache holds the text before the first image
+    h = net.hidden(mx.array(ids[None, s1:]), cache, features)
+    assert max_diff(net.logits(h), golden["logits"][:, s1:]) > OLD_RULE_GAP
+
+
 def splits(ids: np.ndarray, image_token: int) -> dict[str, list[int]]:
     (s1, e1), (s2, e2) = image_blocks(ids, image_token)
     return {
-        # chunks that begin with an image (the second one is longer than the window)
+        # chunks that begin with an image, onto a cache holding the text before it (7 tokens;
+        # then 32, so the sliding layers' rotating caches have wrapped)
         "at_image_starts": [s1, s2],
         # chunks that end with an image, and one that is a single image-free token
         "after_images": [e1, e2, len(ids) - 1],
@@ -114,9 +152,31 @@ def test_chunked_prefill_with_cache_matches_transformers(net, golden, split):
     assert images_done == 2
 
 
-@pytest.mark.parametrize("chunk", [3, 8, 31])
+def test_image_after_compiled_decode_steps_matches_transformers(net, golden):
+    """As in a chat's next turn: the text before the second image read one token at a time by
+    the compiled step (which lays the sliding caches out as rings of `window` slots, here
+    wrapped), then the image chunk prefilled onto those caches."""
+    ids = golden["input_ids"][0]
+    (s1, e1), (s2, _) = image_blocks(ids, net.config.image_token_index)
+    features = net.encode_images(mx.array(golden["pixel_values"]))
+    cache = net.make_cache()
+    logits = net.logits(net.hidden(mx.array(ids[None, :e1]), cache, features[:1]))
+    assert max_diff(logits, golden["logits"][:, :e1]) < ATOL
+    fast = compiled_decode(net.decoder, cache)
+    assert fast is not None
+    for i in range(e1, s2):
+        diff = max_diff(fast.step(mx.array(ids[i:i + 1]), cache), golden["logits"][0, i])
+        assert diff < ATOL, f"step {i}: max |ours - transformers| = {diff}"
+    assert any(isinstance(c, RotatingKVCache) and c.offset > c.max_size for c in cache)
+    logits = net.logits(net.hidden(mx.array(ids[None, s2:]), cache, features[1:]))
+    diff = max_diff(logits, golden["logits"][:, s2:])
+    assert diff < ATOL, f"image chunk after compiled steps: max |ours - transformers| = {diff}"
+
+
+@pytest.mark.parametrize("chunk", [3, 8, 20, 55])
 def test_engine_prefill_matches_transformers(net, golden, chunk):
-    """The engine's own chunking (it moves a boundary that would cut an image)."""
+    """The engine's own chunking (it moves a boundary that would cut an image; a chunk of 3 or
+    8 is shorter than an image, so an image chunk is longer than asked)."""
     model = Model(net, tokenizer=None, path=FIXTURE, quantization=None)
     features = net.encode_images(mx.array(golden["pixel_values"]))
     last = prefill(model, golden["input_ids"][0].tolist(), net.make_cache(), chunk=chunk,

@@ -89,7 +89,7 @@ def test_chat_with_a_quantized_cache_reuses_it_across_turns(tiny, tmp_path):
     second = talk(chat, "And then?")
     assert first.prefilled == len(first.prompt)
     assert second.prefilled == len(second.prompt) - len(fed(first))  # only the new tokens
-    assert all(isinstance(c, QuantizedKVCache) for i, c in enumerate(chat._cache)
+    assert all(isinstance(c, QuantizedKVCache) for i, c in enumerate(chat.session.cache)
                if not tiny.config.text.is_sliding(i))
     chat.undo()
     assert talk(chat, "And then?").tokens == second.tokens  # trimmed, not rebuilt wrong

@@ -30,6 +30,7 @@ from gemma_mlx import BadRequest, Chat
 from gemma_mlx.config import ModelConfig
 from gemma_mlx.engine import SamplingSettings, Stats, cache_offset, generate_tokens, prefill
 from gemma_mlx.loading import Model
+from gemma_mlx.model.decode import compiled_decode
 from gemma_mlx.model.gemma3 import Gemma3
 from gemma_mlx.speculative import Checkpoint, Draft, Rule, rewind
 
@@ -157,7 +158,7 @@ def test_checkpoints_undo_one_token_steps_past_the_window(target, compiled):
     for back_to in range(len(steps)):
         cache = target.make_cache()
         prefill(target, prompt, cache)
-        fast = target.net.decoder.compiled_decode(cache) if compiled else None
+        fast = compiled_decode(target.net.decoder, cache) if compiled else None
         checkpoints = []
         for t in steps:
             checkpoints.append(Checkpoint.of(cache))
@@ -295,26 +296,26 @@ def test_chat_with_a_draft_replies_as_without_and_keeps_both_caches(request, pai
                 num_draft_tokens=3, kv_bits=kv_bits)
     for text in ["Hello!", "What is the capital of France?", "Why?"]:
         assert chat.send(text) == plain_chat.send(text)
-        assert chat._cached_ids == plain_chat._cached_ids
-        assert chat.last_prefill_tokens == plain_chat.last_prefill_tokens
-        assert len(chat._draft_ids) == cache_offset(chat._draft_cache)
-        assert chat._draft_ids == chat._cached_ids[:len(chat._draft_ids)]
+        assert chat.session.ids == plain_chat.session.ids
+        assert chat.session.prefilled_tokens == plain_chat.session.prefilled_tokens
+        assert len(chat.session.draft_ids) == cache_offset(chat.session.draft_cache)
+        assert chat.session.draft_ids == chat.session.ids[:len(chat.session.draft_ids)]
     window = model.config.text.sliding_window
-    assert (cache_offset(chat._cache) > 3 * window) == (window == 16)  # the rings wrapped
+    assert (cache_offset(chat.session.cache) > 3 * window) == (window == 16)  # the rings wrapped
     chat.undo()
     plain_chat.undo()
     assert chat.send("Tell me a joke.") == plain_chat.send("Tell me a joke.")
     if window == 512:  # both caches were trimmed, not rebuilt
-        assert chat.last_prefill_tokens < len(chat._cached_ids) // 2
+        assert chat.session.prefilled_tokens < len(chat.session.ids) // 2
     retried = "".join(c.text for c in chat.retry())
     assert retried == chat.messages[-1].text == plain_chat.messages[-1].text
     sampled = "".join(c.text for c in chat.retry(temp=1.0, seed=3))
     assert chat.messages[-1].text == sampled
     plain_chat.messages = list(chat.messages)
     assert chat.send("More.") == plain_chat.send("More.")
-    assert cache_holds(draft, chat._draft_cache, chat._draft_ids)
+    assert cache_holds(draft, chat.session.draft_cache, chat.session.draft_ids)
     if kv_bits is None:  # (a quantized cache reads a little differently from a fresh prefill)
-        assert cache_holds(model, chat._cache, chat._cached_ids)
+        assert cache_holds(model, chat.session.cache, chat.session.ids)
 
 
 @pytest.mark.parametrize("after", [1, 2, 3, 5])
@@ -333,12 +334,12 @@ def test_a_reply_stopped_mid_round_keeps_both_caches_true(chatty, after, how):
             chunks.append(chunk)
         assert chunks[-1].finish_reason == "cancelled"
     assert chat.messages[-1].stopped
-    assert len(chat._cached_ids) == cache_offset(chat._cache)
-    assert len(chat._draft_ids) == cache_offset(chat._draft_cache)
+    assert len(chat.session.ids) == cache_offset(chat.session.cache)
+    assert len(chat.session.draft_ids) == cache_offset(chat.session.draft_cache)
     plain_chat = Chat(model, temp=0, max_tokens=12)
     plain_chat.messages = list(chat.messages)
     assert chat.send("Go on.") == plain_chat.send("Go on.")
-    assert cache_holds(draft, chat._draft_cache, chat._draft_ids)
+    assert cache_holds(draft, chat.session.draft_cache, chat.session.draft_ids)
 
 
 def test_stream_and_generate_take_a_draft(chatty):
@@ -368,7 +369,7 @@ def test_a_draft_reads_image_soft_tokens_as_pad(model_270m, chatty):
     expected = Chat(model, temp=0, max_tokens=8).send("What is this?", images=[picture])
     chat = Chat(model, temp=0, max_tokens=8, draft_model=draft)
     assert chat.send("What is this?", images=[picture]) == expected
-    assert 262144 in chat._draft_ids
+    assert 262144 in chat.session.draft_ids
     assert Draft(draft).readable([5, 262144, 262207]) == [5, 0, 0]
     # Sampling with a draft of fewer ids (its q is padded), and the other way round (drafting
     # stays within the text model's vocabulary).

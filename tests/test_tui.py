@@ -490,6 +490,51 @@ def test_loading_shows_download_progress_then_the_chat(tiny_vision):
     run(scenario)
 
 
+def test_messages_sent_while_loading_wait_and_then_go_out_in_order(tiny_vision):
+    release = threading.Event()
+
+    def loader(name, progress):
+        release.wait(30)
+        return tiny_vision
+
+    async def scenario():
+        app = RecordingApp("some/repo", loader=loader, sampling=GREEDY)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press(*"first", "enter")
+            await submit(pilot, "second")
+            waiting = list(app.query(MessageView))
+            assert [(v.role, v.text) for v in waiting] == [("user", "first"), ("user", "second")]
+            assert all(v.has_class("-waiting") and v.query_one(".waiting-mark").display
+                       for v in waiting)
+            assert app.chat is None and app.query_one(Composer).text == "" and not app.notices
+            release.set()
+            await wait_until(pilot, lambda: app.chat is not None and not app.busy
+                             and len(app.chat.messages) == 4)
+            assert [m.text for m in app.chat.messages[::2]] == ["first", "second"]
+            assert views(app) == [(m.role, m.text) for m in app.chat.messages]
+            assert not app.query(".-waiting")
+
+    run(scenario)
+
+
+def test_messages_waiting_for_a_model_that_fails_to_load_say_so():
+    def loader(name, progress):
+        time.sleep(0.5)
+        raise gemma_mlx.ModelNotFound("no such model")
+
+    async def scenario():
+        app = RecordingApp("some/repo", loader=loader)
+        async with app.run_test(size=SIZE) as pilot:
+            await submit(pilot, "hello")
+            await wait_until(pilot, lambda: app.query_one(LoadingPanel).has_class("-failed"))
+            view = app.query_one(MessageView)
+            assert view.has_class("-unsent") and view.text == "hello"
+            assert "not sent: the model did not load" in str(
+                view.query_one(".waiting-mark").render())
+
+    run(scenario)
+
+
 # ---- the command line ---------------------------------------------------------------------
 
 def test_chat_command_builds_the_app(monkeypatch, capsys):

@@ -34,6 +34,7 @@ import gemma_mlx
 from gemma_mlx import Attachment, Chat, GemmaError, Model, Stats
 
 from .commands import BY_NAME, COMMANDS, SETTINGS, complete, image_path_in, next_completion, parse
+from .terminal import Terminal, take_over
 from .widgets import (
     AttachmentBar,
     CompletionList,
@@ -172,10 +173,13 @@ class SlashCommandProvider(Provider):
 
 class ChatApp(App[int]):
     """Chat with a Gemma 3 model. `model` is a name to load (in a worker) or a loaded Model.
+    Messages sent while it loads wait, shown as such, and go out once it is ready.
 
     `graphics` picks how thumbnails are drawn ("auto", or "halfcell" / "unicode" for the same
     cells everywhere); `show_timings=False` leaves speeds and memory out of the status bar, so
-    screenshots of the same session are identical."""
+    screenshots of the same session are identical. `terminal` is the real terminal as
+    `terminal.take_over` found it (run() passes it): its input then reaches the app through
+    a filter that keeps the terminal's replies out, and its graphics decide "auto"."""
 
     CSS_PATH = Path(__file__).with_name("app.tcss")  # absolute: subclasses live elsewhere
     TITLE = "gemma-mlx"
@@ -190,9 +194,10 @@ class ChatApp(App[int]):
                  load_path: str | None = None, max_context: int | None = None,
                  kv_bits: int | None = None, sampling: dict[str, Any] | None = None,
                  draft_model: str | Model | None = None, num_draft_tokens: int | None = None,
-                 graphics: str = "auto",
-                 show_timings: bool = True, loader: Callable[..., Model] = gemma_mlx.load):
-        super().__init__()
+                 graphics: str = "auto", show_timings: bool = True,
+                 loader: Callable[..., Model] = gemma_mlx.load, terminal: Terminal | None = None):
+        super().__init__(driver_class=terminal.driver_class if terminal else None)
+        self.terminal = terminal
         self.model_name = model if isinstance(model, str) else model.name
         self.model: Model | None = None if isinstance(model, str) else model
         self.system = system
@@ -202,11 +207,13 @@ class ChatApp(App[int]):
         self.draft_model = draft_model  # a name is loaded after the model, in the same worker
         self.num_draft_tokens = num_draft_tokens
         self.sampling = dict(sampling or {})
-        self.graphics = graphics
+        self.graphics = terminal.graphics if terminal and graphics == "auto" else graphics
         self.show_timings = show_timings
         self.loader = loader
         self.chat: Chat | None = None
         self.pending: list[Attachment] = []  # images for the next message
+        self.loading = False  # the model (or the draft) is loading
+        self.waiting: list[str] = []  # messages sent while it loads, oldest first
         self.busy = False  # a reply is streaming
         self.last_stats: Stats | None = None
         self._stop = threading.Event()
@@ -236,7 +243,10 @@ class ChatApp(App[int]):
         composer = self.query_one(Composer)
         composer.cursor_blink = self.show_timings  # no blinking in screenshots
         composer.focus()
+        if self.terminal is not None:  # keys from now on reach the composer (after its focus)
+            self.call_later(self.terminal.ready.set)
         if self.model is None or isinstance(self.draft_model, str):
+            self.loading = True
             await self.query_one(Conversation).mount(LoadingPanel(self.model_name, id="loading"))
             self.update_status()
             self.load_model()
@@ -266,13 +276,17 @@ class ChatApp(App[int]):
                            message.unit)
 
     async def on_model_loaded(self, message: ModelLoaded) -> None:
+        self.loading = False
         await self.query(LoadingPanel).remove()
         await self.start_chat(message.model)
 
     def on_load_failed(self, message: LoadFailed) -> None:
+        self.loading = False
         fix = ("Start again with another --model (270m, 1b, 4b, 12b, 27b, a Hub repo id, "
                "a folder or a .gguf file). Ctrl+C twice or /quit leaves.")
         self.query_one(LoadingPanel).failed(message.reason, fix)
+        for view in self.waiting_views():
+            view.unsent("the model did not load")
         self.return_code_on_quit = 1
 
     async def start_chat(self, model: Model) -> None:
@@ -289,6 +303,7 @@ class ChatApp(App[int]):
             self.draft_model = None  # if it was the draft that did not fit: go on without it
             self.chat = Chat(model, system=self.system, **self._chat_options())
         await self.show_conversation()
+        await self.send_waiting()
 
     def _chat_options(self) -> dict[str, Any]:
         options = dict(self.sampling)
@@ -315,13 +330,24 @@ class ChatApp(App[int]):
                  for i, m in enumerate(chat.messages)]
         for view in views[:chat.first_turn]:
             view.add_class("-dropped")
+        waiting = [MessageView("user", text, graphics=self.graphics).wait()
+                   for text in self.waiting]
         await conversation.mount(Welcome(welcome_text(self.model), id="welcome"))
-        await conversation.mount_all(views)
+        await conversation.mount_all(views + waiting)
         conversation.restart()
         self.update_status()
 
     def message_views(self) -> list[MessageView]:
-        return list(self.query_one(Conversation).query_children(MessageView))
+        return [v for v in self.query_one(Conversation).query_children(MessageView)
+                if not v.has_class("-waiting")]
+
+    def waiting_views(self) -> list[MessageView]:
+        return list(self.query_one(Conversation).query_children(".-waiting"))
+
+    async def mount_message(self, view: MessageView) -> None:
+        """At the end of the conversation, before the messages still waiting."""
+        waiting = self.waiting_views()
+        await self.query_one(Conversation).mount(view, before=waiting[0] if waiting else None)
 
     def update_status(self, streaming: Stats | None = None) -> None:
         """The status bar; while a reply streams, its running figures (and the context as
@@ -388,6 +414,9 @@ class ChatApp(App[int]):
     # ---- turns --------------------------------------------------------------------------
 
     async def send(self, text: str) -> None:
+        if self.loading and self.chat is None:
+            await self.wait_for_model(text)
+            return
         if not self.ready_for("send a message"):
             return
         assert self.chat is not None
@@ -395,21 +424,34 @@ class ChatApp(App[int]):
         self.query_one(AttachmentBar).show(self.pending)
         sources = [a.source or a.image for a in attachments]
         chat = self.chat
-        user = MessageView("user", text, attachments, graphics=self.graphics)
+        await self.mount_message(MessageView("user", text, attachments, graphics=self.graphics))
         conversation = self.query_one(Conversation)
-        await conversation.mount(user)
         conversation.scroll_end(animate=False, immediate=True)  # back to the end, to follow
         conversation.follow()
         await self.begin_reply(lambda stop: chat.stream(text, sources, should_stop=stop))
+
+    async def wait_for_model(self, text: str) -> None:
+        """A message sent while the model loads: shown as waiting, sent once it is ready."""
+        self.waiting.append(text)
+        conversation = self.query_one(Conversation)
+        await conversation.mount(MessageView("user", text, graphics=self.graphics).wait())
+        conversation.scroll_end(animate=False)
+
+    async def send_waiting(self) -> None:
+        """The oldest message that waited for the model, if there is one and nothing streams."""
+        if not self.waiting or self.busy or self.chat is None:
+            return
+        text = self.waiting.pop(0)
+        await self.waiting_views()[0].remove()
+        await self.send(text)
 
     async def begin_reply(self, start: TurnStarter) -> None:
         self.busy = True
         self._stop.clear()
         self._ui_clock = (0.0, 0.0)
         self._reply = MessageView("assistant", graphics=self.graphics)
-        conversation = self.query_one(Conversation)
-        await conversation.mount(self._reply)
-        conversation.follow()
+        await self.mount_message(self._reply)
+        self.query_one(Conversation).follow()
         self._stream = self._reply.stream()
         self.update_status(Stats())
         self.generate(start)
@@ -476,6 +518,7 @@ class ChatApp(App[int]):
         self.mark_dropped()
         self.update_status()
         self.show_notices()
+        await self.send_waiting()
 
     async def on_reply_failed(self, message: ReplyFailed) -> None:
         if self._stream is not None:
@@ -485,6 +528,7 @@ class ChatApp(App[int]):
         await self.show_conversation()  # exactly what the Chat holds: the failure added nothing
         self.report(message.error)
         self.show_notices()
+        await self.send_waiting()
 
     def mark_dropped(self) -> None:
         assert self.chat is not None
@@ -717,9 +761,11 @@ class ChatApp(App[int]):
 
 
 def run(model: str | Model = "4b", **options: Any) -> int:
-    """Run the app in this terminal; returns its exit code."""
-    app = ChatApp(model, **options)
-    app.run()
+    """Run the app in this terminal; returns its exit code. The terminal is taken over first
+    (keys typed from then on are kept for the composer) and given back as it was."""
+    with take_over() as terminal:
+        app = ChatApp(model, terminal=terminal, **options)
+        app.run()
     code = app.return_code or 0
     # Free what the app's reference cycles still hold before Python exits (see on_unmount).
     del app

@@ -16,23 +16,11 @@ from textual.widgets import Label, Markdown, OptionList, ProgressBar, Static, Te
 from textual.widgets.markdown import MarkdownStream
 from textual.widgets.option_list import Option
 
-try:
-    # textual-image asks the terminal what it can draw (and its cell size) once, when
-    # imported: import it before the app starts.
-    from textual_image.widget import HalfcellImage, UnicodeImage
-    from textual_image.widget import Image as BestImage
-except ZeroDivisionError:  # a terminal that reports 0 columns (a bare pty): assume VT340 cells
-    from textual_image import _terminal
-
-    _terminal.get_cell_size._result = _terminal.CellSize(10, 20)  # type: ignore[attr-defined]
-    from textual_image.widget import HalfcellImage, UnicodeImage
-    from textual_image.widget import Image as BestImage
-
 from gemma_mlx import Attachment, Model, Stats
 
 from .commands import Completion, image_path_in
+from .terminal import image_widget
 
-IMAGE_WIDGETS = {"auto": BestImage, "halfcell": HalfcellImage, "unicode": UnicodeImage}
 THUMBNAIL_ROWS = 8
 ROLE_NAMES = {"user": "You", "assistant": "Gemma"}
 NO_TEXT = "*(no text)*"
@@ -40,7 +28,8 @@ NO_TEXT = "*(no text)*"
 
 class ImageThumbnail(Vertical):
     """An attached picture, small, with its file name: drawn with the terminal's graphics
-    protocol where it has one, else in coloured half cells."""
+    protocol where it has one, else in coloured half cells. `graphics`: "auto", "sixel",
+    "tgp", "halfcell" or "unicode" (see terminal.image_widget)."""
 
     def __init__(self, attachment: Attachment, graphics: str = "auto") -> None:
         super().__init__(classes="thumbnail")
@@ -52,7 +41,7 @@ class ImageThumbnail(Vertical):
         # Cells are about twice as tall as wide: size it here so every terminal (and every
         # test) draws the same number of cells.
         width = max(1, round(THUMBNAIL_ROWS * 2 * image.width / max(1, image.height)))
-        picture = IMAGE_WIDGETS[self.graphics](image, classes="picture")
+        picture = image_widget(self.graphics)(image, classes="picture")
         picture.styles.width = min(width, 48)
         picture.styles.height = THUMBNAIL_ROWS
         yield picture
@@ -89,6 +78,7 @@ class MessageView(Vertical):
                     yield ImageThumbnail(attachment, self.graphics)
         yield self._body()
         yield Label("■ stopped", classes="stopped-mark")
+        yield Label("… waiting for the model to load", classes="waiting-mark")
 
     def _body(self) -> Static | Markdown:
         if self.role == "user":
@@ -103,6 +93,15 @@ class MessageView(Vertical):
             self.flat = True
             await self.query_one(".body").remove()
             await self.mount(self._body(), before=self.query_one(".stopped-mark"))
+
+    def wait(self) -> MessageView:
+        """Show it as typed before the model was ready: it goes out once it is."""
+        self.add_class("-waiting")
+        return self
+
+    def unsent(self, reason: str) -> None:
+        self.add_class("-unsent")
+        self.query_one(".waiting-mark", Label).update(f"✗ not sent: {reason}")
 
     def stream(self) -> MarkdownStream:
         return Markdown.get_stream(self.query_one(Markdown))

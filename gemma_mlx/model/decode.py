@@ -2,12 +2,14 @@
 
 The text decoder (model/text.py) is the reference: this step computes the same thing for one
 token at a time, with fixed shapes so `mx.compile` can trace it once, and fused projections.
-tests/test_decode.py holds it to the op-by-op model's logits.
+tests/test_decode.py holds it to the op-by-op model's logits. The dependency runs one way:
+this module reads the decoder's modules; the decoder knows nothing of its compiled step (the
+engine asks `compiled_decode(decoder, cache)` for it).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -15,11 +17,43 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.base import quantized_scaled_dot_product_attention
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 
-if TYPE_CHECKING:
-    from ..config import TextConfig
-    from .text import RMSNorm, TextDecoder
+from ..config import TextConfig
+from .text import RMSNorm, TextDecoder
 
 DECODE_CAPACITY_STEP = 512  # compiled decode grows a global layer's cache by this many slots
+
+
+def compiled_decode(decoder: TextDecoder, cache: list) -> CompiledDecode | None:
+    """The compiled single-token step of `decoder` for these caches, laid out for it, or None
+    where it does not apply (caches of other kinds, batches, an empty cache): then decode the
+    ordinary way, through the decoder."""
+    if not CompiledDecode.supports(decoder.cfg, cache):
+        return None
+    fast = decode_program(decoder)
+    fast.prepare(cache)
+    return fast
+
+
+def decode_program(decoder: TextDecoder) -> CompiledDecode:
+    """The decoder's CompiledDecode, made on first use and again after its weights were
+    replaced. Making it fuses the q/k/v and gate/up weights in place (see there). It is kept
+    in the decoder's instance dict (a plain attribute, not a parameter), so it lives and dies
+    with the decoder; text.py never reads it."""
+    fast = decoder.__dict__.get(_PROGRAM)
+    if fast is None or not fast.current():
+        fast = CompiledDecode(decoder)
+        decoder.__dict__[_PROGRAM] = fast
+    return fast
+
+
+def release_program(decoder: TextDecoder) -> None:
+    """Drop the decoder's compiled program (made again on next use). A thread that traced one
+    releases it before it ends: MLX aborts the process at exit over a compiled function that
+    outlives the thread that traced it."""
+    decoder.__dict__.pop(_PROGRAM, None)
+
+
+_PROGRAM = "_compiled_decode"  # decode_program's slot in a decoder's instance dict
 
 
 class CompiledDecode:
@@ -105,12 +139,13 @@ class CompiledDecode:
             if not self.cfg.is_sliding(i) and offset + 1 > _kv_arrays(c)[0].shape[2]:
                 _reserve(c, offset + 1)  # a new shape: the step is traced again, rarely
         if self._offset is None or self._offset_value != offset:
-            self._offset = mx.array(offset, dtype=mx.int32)
+            self._offset = mx.array([offset], dtype=mx.int32)
         # Read when tracing; a quantized cache's buffers have other shapes, so another trace.
         self._quantized = [(c.group_size, c.bits) if isinstance(c, QuantizedKVCache) else None
                            for c in cache]
         buffers = [a for c in cache for a in _kv_arrays(c)]
-        logits, self._offset, *new = self._fn(token, self._offset, *buffers)
+        self._offset, logits, *new = self._fn(token, self._offset, *buffers)
+        logits = logits[0]
         del buffers  # the caches' references go next: the old buffers become donatable
         self._offset_value = offset + 1
         start = 0
@@ -125,9 +160,28 @@ class CompiledDecode:
 
     # ---- the traced function ----------------------------------------------------------------
 
-    def _step(self, token: mx.array, offset: mx.array, *buffers: mx.array) -> tuple:
+    def step_rows(self, tokens: mx.array, offsets: mx.array,
+                  buffers: list[mx.array]) -> tuple[mx.array, list[mx.array]]:
+        """One token for each of B rows (continuous batching): `tokens` [B] at `offsets` [B]
+        (int32), over buffers laid out as the caches' but B rows deep ([B, kv heads, slots,
+        head dim] per array, rings for the sliding layers). Returns the logits [B, vocab] and
+        the new buffers, which replace the old ones before anything is evaluated. Every row
+        is computed: a free row has offset 0 and is ignored by its caller."""
+        _, logits, *new = self._fn(tokens, offsets, *buffers)
+        return logits, new
+
+    def set_quantized(self, quantized: list[tuple[int, int] | None]) -> None:
+        """Per layer (group, bits) of a quantized cache, or None: read when tracing."""
+        self._quantized = quantized
+
+    # ---- the traced function ----------------------------------------------------------------
+
+    def _step(self, tokens: mx.array, offsets: mx.array, *buffers: mx.array) -> tuple:
+        """B rows, each at its own offset. One row writes with slice_update (in place, as the
+        single-stream step always did); several with put_along_axis (one scatter per array)."""
         d, eps, head_dim = self.decoder, self.eps, self.cfg.head_dim
-        h = d.embed(token.reshape(1, 1))
+        B = tokens.shape[0]
+        h = d.embed(tokens.reshape(B, 1))
         masks: dict[int, mx.array] = {}
         out: list[mx.array] = []
         for i, layer in enumerate(d.layers):
@@ -136,38 +190,37 @@ class CompiledDecode:
             parts, buffers = buffers[:n], buffers[n:]
             size = parts[0].shape[2]
             if size not in masks:  # the slots written so far, this token's included
-                masks[size] = (mx.arange(size) <= offset).reshape(1, 1, 1, size)
-            slot = offset % size if self.cfg.is_sliding(i) else offset
+                masks[size] = (mx.arange(size)[None] <= offsets[:, None]).reshape(B, 1, 1, size)
+            slots = offsets % size if self.cfg.is_sliding(i) else offsets
             s_in, s_q, s_k, s_attn, s_pre, s_post = self.scales[i]
             attn = layer.self_attn
             q, k, v = self._project(i, mx.fast.rms_norm(h, s_in, eps))
-            # One position: [1, 1, heads * head_dim] is already [1, heads, 1, head_dim].
-            q = q.reshape(1, attn.n_heads, 1, head_dim)
-            k = k.reshape(1, attn.n_kv_heads, 1, head_dim)
-            v = v.reshape(1, attn.n_kv_heads, 1, head_dim)
-            q = attn.rope(mx.fast.rms_norm(q, s_q, eps), offset=offset)
-            k = attn.rope(mx.fast.rms_norm(k, s_k, eps), offset=offset)
-            start = slot.reshape(1)
+            # One position: [B, 1, heads * head_dim] is already [B, heads, 1, head_dim].
+            q = q.reshape(B, attn.n_heads, 1, head_dim)
+            k = k.reshape(B, attn.n_kv_heads, 1, head_dim)
+            v = v.reshape(B, attn.n_kv_heads, 1, head_dim)
+            q = attn.rope(mx.fast.rms_norm(q, s_q, eps), offset=offsets)
+            k = attn.rope(mx.fast.rms_norm(k, s_k, eps), offset=offsets)
             if quantized is None:
-                keys, values = (mx.slice_update(buffer, x.astype(buffer.dtype), start, axes=(2,))
+                keys, values = (_write(buffer, x.astype(buffer.dtype), slots)
                                 for buffer, x in zip(parts, (k, v), strict=True))
                 o = mx.fast.scaled_dot_product_attention(q, keys, values, scale=attn.scale,
                                                          mask=masks[size])
                 out += [keys, values]
             else:
                 group, bits = quantized
-                new = [mx.slice_update(buffer, x, start, axes=(2,)) for buffer, x in zip(
+                new = [_write(buffer, x, slots) for buffer, x in zip(
                     parts, (*mx.quantize(k.astype(parts[1].dtype), group, bits),
                             *mx.quantize(v.astype(parts[4].dtype), group, bits)), strict=True)]
                 o = quantized_scaled_dot_product_attention(
                     q, new[:3], new[3:], scale=attn.scale, mask=masks[size], group_size=group,
                     bits=bits)
                 out += new
-            h = h + mx.fast.rms_norm(attn.o_proj(o.reshape(1, 1, -1)), s_attn, eps)
+            h = h + mx.fast.rms_norm(attn.o_proj(o.reshape(B, 1, -1)), s_attn, eps)
             x = mx.fast.rms_norm(h, s_pre, eps)
             h = h + mx.fast.rms_norm(self._mlp(i, x), s_post, eps)
         logits = d.logits(mx.fast.rms_norm(h, self.final_scale, eps))
-        return (logits[0, 0], offset + 1, *out)
+        return (offsets + 1, logits[:, 0], *out)
 
     def _project(self, i: int, x: mx.array) -> list[mx.array]:
         """q, k and v of one block."""
@@ -176,6 +229,14 @@ class CompiledDecode:
     def _mlp(self, i: int, x: mx.array) -> mx.array:
         gate, up = _apply_fused(self.gate_up[i], x)
         return self.decoder.layers[i].mlp.down_proj(nn.gelu_approx(gate) * up)
+
+
+def _write(buffer: mx.array, x: mx.array, slots: mx.array) -> mx.array:
+    """`x` [B, heads, 1, d] into `buffer` [B, heads, slots, d] at each row's slot."""
+    if buffer.shape[0] == 1:
+        return mx.slice_update(buffer, x, slots.reshape(1), axes=(2,))
+    index = mx.broadcast_to(slots.reshape(-1, 1, 1, 1), x.shape)
+    return mx.put_along_axis(buffer, index, x, axis=2)
 
 
 def _apply_fused(groups: list[tuple[nn.Module, list[int]]], x: mx.array) -> list[mx.array]:

@@ -2,8 +2,9 @@
 
 An image becomes 256 soft tokens: the projector's vectors replace the embeddings at the image
 token positions (they are not scaled by sqrt(hidden), text embeddings are). During prefill the
-tokens of one image attend to each other in both directions; everything else is causal (and
-windowed on sliding layers), as transformers' Gemma 3 does it.
+tokens of one image attend to each other in both directions; everything else is causal. On
+sliding layers the window bounds both, also inside an image longer than the window, as
+transformers' Gemma 3 does it (`image_block_masks`).
 
 Parameter names follow the mlx-vlm / transformers multimodal layout
 (`language_model.model.*`, `vision_tower.*`, `multi_modal_projector.*`); text-only checkpoints
@@ -16,7 +17,6 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.base import create_causal_mask
 
 from ..config import ModelConfig, TextConfig
 from .text import TextDecoder
@@ -90,28 +90,40 @@ def merge_image_features(h: mx.array, is_image: mx.array, features: mx.array) ->
 
 
 def image_block_masks(is_image: mx.array, cache: list | None, cfg: TextConfig) -> tuple[Any, Any]:
-    """(global, sliding) boolean masks for a prefill chunk [L] containing image tokens.
+    """(global, sliding) boolean masks for a prefill chunk [L] containing image tokens, as
+    transformers' `create_masks_for_vision_model` builds them:
+    global layers OR(causal, same image block); sliding layers AND(window, OR(causal, same image
+    block)), the window one-sided (key > query - window), so it bounds how far back a token
+    sees inside an image too.
 
-    Causal (and windowed on sliding layers) over the cached keys plus the chunk, widened so
-    that the tokens of one image block see each other both ways. A chunk never splits an
-    image, so blocks only pair up inside the chunk."""
-    L = is_image.shape[0]
+    The keys are the cached ones (in temporal order, as mlx-lm's caches give them to a
+    multi-token update; a rotating cache gives at most window - 1 of them) followed by the
+    chunk's own. A chunk never splits an image (engine.prefill's chunking), so image blocks
+    pair up only inside the chunk."""
     starts = is_image & ~mx.concatenate([mx.array([False]), is_image[:-1]])
     block = mx.where(is_image, mx.cumsum(starts.astype(mx.int32)), -1)
-    same_block = (block[:, None] == block[None, :]) & (block[:, None] >= 0)
-
-    def widen(mask: mx.array) -> mx.array:
-        past = mx.zeros((L, mask.shape[-1] - L), dtype=mx.bool_)
-        return mask | mx.concatenate([past, same_block], axis=-1)
-
-    global_offset = sliding_offset = 0
+    global_past = sliding_past = 0
     if cache is not None:
         types = cfg.layer_types
         if "full_attention" in types:
-            global_offset = cache[types.index("full_attention")].offset
+            global_past = cache[types.index("full_attention")].offset
         if "sliding_attention" in types:
             rotating = cache[types.index("sliding_attention")]
-            sliding_offset = min(rotating.max_size - 1, rotating.offset)
-    global_mask = widen(create_causal_mask(L, global_offset))
-    sliding_mask = widen(create_causal_mask(L, sliding_offset, window_size=cfg.sliding_window))
-    return global_mask, sliding_mask
+            sliding_past = min(rotating.max_size - 1, rotating.offset)
+    return (prefill_mask(block, global_past),
+            prefill_mask(block, sliding_past, window=cfg.sliding_window))
+
+
+def prefill_mask(block: mx.array, past: int, window: int | None = None) -> mx.array:
+    """allowed [L, past + L] for the chunk's queries over `past` cached keys, then its own:
+    (key <= query, or both in one image block) and, with a window, key > query - window.
+    `block` [L] numbers the chunk's image blocks (-1 on text); cached keys are in none."""
+    L = block.shape[0]
+    query = mx.arange(past, past + L)[:, None]
+    key = mx.arange(past + L)[None]
+    key_block = mx.concatenate([mx.full((past,), -1, dtype=block.dtype), block])
+    same_block = (block[:, None] == key_block[None]) & (block[:, None] >= 0)
+    allowed = (key <= query) | same_block
+    if window is not None:
+        allowed = allowed & (key > query - window)
+    return allowed

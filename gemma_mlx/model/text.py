@@ -3,8 +3,8 @@
 Each block: pre-norm attention with RMSNorm'd queries and keys, a post-attention norm, then a
 pre-norm gelu-tanh gated MLP with a post-MLP norm. Layers alternate between sliding-window
 attention (local RoPE base) and global attention (global RoPE base, linear scaling on 4B+).
-The output head is the (possibly quantized) embedding matrix itself. Decoding one token at a
-time runs the same computation as one compiled graph: model/decode.py.
+The output head is the (possibly quantized) embedding matrix itself. (model/decode.py runs the
+same computation for one token at a time as one compiled graph; this module knows nothing of it.)
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attenti
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 
 from ..config import TextConfig
-from .decode import CompiledDecode
 
 
 class RMSNorm(nn.Module):
@@ -175,21 +174,3 @@ class TextDecoder(nn.Module):
 
         return [RotatingKVCache(max_size=self.cfg.sliding_window) if self.cfg.is_sliding(i)
                 else global_cache() for i in range(self.cfg.num_hidden_layers)]
-
-    def compiled_decode(self, cache: list) -> CompiledDecode | None:
-        """The compiled single-token step for these caches, or None where it does not apply
-        (caches of other kinds, batches, an empty cache): then decode the ordinary way."""
-        if not CompiledDecode.supports(self.cfg, cache):
-            return None
-        fast = self.decode_program()
-        fast.prepare(cache)
-        return fast
-
-    def decode_program(self) -> CompiledDecode:
-        """The decoder's CompiledDecode, made on first use and again after its weights were
-        replaced. Making it fuses the q/k/v and gate/up weights in place (see there)."""
-        fast = self.__dict__.get("_compiled_decode")
-        if fast is None or not fast.current():
-            fast = CompiledDecode(self)
-            self._compiled_decode = fast  # a plain attribute: not a parameter
-        return fast

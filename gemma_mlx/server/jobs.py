@@ -1,0 +1,95 @@
+"""One request as the worker runs it, whatever API it came from, and what comes back.
+
+A handler renders its request into a `GenerationRequest` (ids, pictures, sampling, stop strings,
+logprobs), submits a `Job`, and reads its events: `Delta`s of text, then one `Done` or `Failed`.
+The worker fills the job's queue from its own thread; the handler reads it on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from gemma_mlx.engine import SamplingSettings
+from gemma_mlx.prompt import Prompt
+
+from .errors import APIError
+
+
+@dataclass
+class GenerationRequest:
+    prompt: Prompt
+    settings: SamplingSettings
+    stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None  # None: none; 0: the chosen token's; n: also the n likeliest
+
+
+@dataclass
+class TokenInfo:
+    token: int
+    text: str  # the token's own text
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class Delta:
+    text: str
+    tokens: list[TokenInfo] = field(default_factory=list)
+
+
+@dataclass
+class Done:
+    finish_reason: str  # stop, length or cancelled
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    prompt_seconds: float
+    decode_seconds: float
+    text: str = ""  # the whole reply
+
+
+@dataclass
+class Failed:
+    error: APIError
+
+
+Event = Delta | Done | Failed
+
+
+class Job:
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop):
+        self.request = request
+        self._loop = loop
+        self._events: asyncio.Queue[Event] = asyncio.Queue()
+        self.cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """The client went away: stop at the next token (or never start)."""
+        self.cancelled.set()
+
+    def emit(self, event: Event) -> None:
+        """From the worker thread."""
+        self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+
+    async def events(self) -> AsyncIterator[Event]:
+        while True:
+            event = await self._events.get()
+            yield event
+            if not isinstance(event, Delta):
+                return
+
+    async def result(self) -> tuple[str, list[TokenInfo], Done]:
+        """The whole reply (for a request that does not stream)."""
+        text, tokens = [], []
+        async for event in self.events():
+            if isinstance(event, Failed):
+                raise event.error
+            if isinstance(event, Delta):
+                text.append(event.text)
+                tokens += event.tokens
+            else:
+                return "".join(text), tokens, event
+        raise APIError(500, "the generation ended without a result")
