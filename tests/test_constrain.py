@@ -252,3 +252,32 @@ def test_library_one_shot_tools_and_schema(tiny):
                               seed=4, max_tokens=200)
     jsonschema.validate(json.loads(text), WEATHER)
     mx.eval(mx.array(0))
+
+
+def test_streams_decoded_together_each_keep_their_own_grammar(tiny):
+    """The constraint's state is in the object, so a batch runs several side by side."""
+    from gemma_mlx.batch import Batch, Stream
+    from gemma_mlx.prompt import Prompt
+    from gemma_mlx.session import Session
+
+    schemas = [WEATHER, SEARCH, EVERYTHING]
+    streams = [Stream(Prompt(tiny.tokenizer.encode(f"Answer {i}:")),
+                      SamplingSettings(temp=1.0, seed=i, max_tokens=300), Session(tiny),
+                      constraint=constrain.Constraint(tiny, constrain.json_schema(schema)))
+               for i, schema in enumerate(schemas)]
+    batch = Batch(tiny, max_batch=3)
+    texts = {id(s): "" for s in streams}
+    ends = {}
+    try:
+        for stream in streams:
+            batch.add(stream)
+        while not batch.idle:
+            for stream, chunk in batch.step():
+                texts[id(stream)] += chunk.text
+                if chunk.finish_reason is not None:
+                    ends[id(stream)] = chunk.finish_reason
+    finally:
+        batch.close()
+    for stream, schema in zip(streams, schemas, strict=True):
+        assert ends[id(stream)] == "stop"
+        jsonschema.validate(json.loads(texts[id(stream)]), schema)
