@@ -7,6 +7,8 @@
     print(chat.send("What is in this picture?", images=["photo.jpg"]))
     draft = gemma_mlx.load_draft("270m", model)  # speculative decoding: same replies, faster
     print(gemma_mlx.generate(model, "Tell me a story.", draft_model=draft))
+    chat.send("Weather in Oslo?", tools=[get_weather])  # calls your function, answers with it
+    print(gemma_mlx.generate(model, "A person:", json_schema={"type": "object"}))
     gemma_mlx.serve(model, port=8080)  # OpenAI's and Ollama's APIs over HTTP, until Ctrl-C
 
 The names below are imported on first use, so `python -m gemma_mlx` starts (and can be
@@ -26,14 +28,14 @@ _LAZY = {
     "Attachment": "chat", "Chat": "chat", "Message": "chat", "generate": "chat",
     "stream": "chat", "Chunk": "engine", "SamplingSettings": "engine", "Stats": "engine",
     "Model": "loading", "load": "loading", "load_draft": "speculative", "Session": "session",
-    "serve": "server", "batch_generate": "batch",
+    "serve": "server", "batch_generate": "batch", "Tool": "tools", "ToolCall": "tools",
 }
 
 __all__ = [
     "Attachment", "BadCheckpoint", "BadImage", "BadRequest", "Chat", "Chunk", "ContextOverflow",
     "GemmaError", "Message", "Model",
-    "ModelNotFound", "SamplingSettings", "Session", "Stats", "__version__", "batch_generate",
-    "generate", "load", "load_draft", "serve", "stream",
+    "ModelNotFound", "SamplingSettings", "Session", "Stats", "Tool", "ToolCall", "__version__",
+    "batch_generate", "generate", "load", "load_draft", "serve", "stream",
 ]
 
 if TYPE_CHECKING:
@@ -44,6 +46,7 @@ if TYPE_CHECKING:
     from .server import serve
     from .session import Session
     from .speculative import load_draft
+    from .tools import Tool, ToolCall
 
 
 def __getattr__(name: str) -> Any:

@@ -128,6 +128,12 @@ def oneshot_parser() -> argparse.ArgumentParser:
     parser.add_argument("--raw", action="store_true",
                         help="complete the prompt as plain text, without the chat template "
                              "(automatic for base models, which have none)")
+    structured = parser.add_mutually_exclusive_group()
+    structured.add_argument("--json-schema", metavar="FILE_OR_JSON", default=None,
+                            help="the reply is JSON matching this schema (a file, or the "
+                                 "schema itself), enforced token by token")
+    structured.add_argument("--json", action="store_true",
+                            help="the reply is a JSON object (any keys)")
     parser.add_argument("--verbose", "-v", action="store_true",
                         help="print speed, time to first token and peak memory (and the draft's "
                              "acceptance rate) on stderr")
@@ -147,6 +153,7 @@ def oneshot_command(argv: list[str], interrupt: Interrupt) -> int:
     SamplingSettings(**sampling).validate()  # before the (slow) load
     check_max_context(args.max_context)
     drafting = draft_options(args)
+    schema = reply_schema(args)
     model = load(args.model, mmproj=args.mmproj)
     if args.draft_model is not None:
         from .speculative import load_draft
@@ -157,6 +164,9 @@ def oneshot_command(argv: list[str], interrupt: Interrupt) -> int:
     explain_raw = raw is None and not model.has_chat_template and not args.image
     chunk = None
     extra = {"images": args.image, "pan_and_scan": args.pan_and_scan} if args.image else {}
+    if schema is not None:
+        extra["json_schema"] = schema
+    noted: set[str] = set()
     for chunk in stream(model, prompt, system=args.system, raw=raw, max_context=args.max_context,
                         kv_bits=args.kv_bits, should_stop=interrupt, **drafting, **extra,
                         **sampling):
@@ -165,6 +175,10 @@ def oneshot_command(argv: list[str], interrupt: Interrupt) -> int:
             print(f"note: {model.name} has no chat template (a base model), so the prompt is "
                   "completed as plain text, as with --raw", file=sys.stderr)
             explain_raw = False
+        for notice in chunk.notices:
+            if notice not in noted:
+                print(f"note: {notice}", file=sys.stderr)
+                noted.add(notice)
         sys.stdout.write(chunk.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -173,6 +187,29 @@ def oneshot_command(argv: list[str], interrupt: Interrupt) -> int:
     if chunk is not None and chunk.finish_reason == "cancelled":
         raise KeyboardInterrupt
     return 0
+
+
+def reply_schema(args: argparse.Namespace):
+    """The constraint of --json-schema (a file or the schema's JSON) or --json, checked now:
+    a schema we cannot enforce is a one-line error before the model loads."""
+    from pathlib import Path
+
+    from . import constrain
+
+    if args.json:
+        return constrain.json_object()
+    if args.json_schema is None:
+        return None
+    value = args.json_schema.strip()
+    if value.startswith(("{", "[")) or value in ("true", "false"):
+        return constrain.json_schema(value, "the --json-schema")
+    path = Path(value).expanduser()
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise BadRequest(f"--json-schema {value}: no such file ({e.strerror}); give a schema "
+                         "file or the schema itself, e.g. '{\"type\": \"object\"}'") from e
+    return constrain.json_schema(text, f"the JSON schema in {value}")
 
 
 def convert_command(argv: list[str]) -> int:

@@ -126,3 +126,23 @@ def test_qat_grids_measures_each_grid_against_the_reference(scripts):
     for key, value in tree_flatten(net.parameters()):  # the reference is back in place
         if key in matrices:
             assert value is matrices[key]
+
+
+def test_constraint_value_counts_valid_replies_both_ways(scripts, tmp_path, folder_270m):
+    out = tmp_path / "value.json"
+    report = scripts("constraint_value").main(["--limit", "2", "--max-tokens", "40",
+                                               "--json", str(out)])
+    assert json.loads(out.read_text())["schemas"] == 2 == len(report["rows"])
+    assert report["valid_with"] == 2  # the constraint's promise, on the real 270M
+    for row in report["rows"]:
+        assert row["with"]["valid"] and row["with"]["tokens"] <= 40
+        assert isinstance(row["without"]["valid"], bool)
+
+
+def test_grammar_engines_reports_llguidance(scripts, tmp_path, folder_270m):
+    report = scripts("grammar_engines").main(["--engines", "llguidance", "--tokens", "8",
+                                              "--repeats", "1"])
+    engine = report["engines"][0]
+    assert engine["engine"] == "llguidance" and len(engine["cases"]) == 4
+    for case in engine["cases"]:
+        assert case["tokens"] == 8 and case["mask_ms"]["median"] > 0
