@@ -776,7 +776,10 @@ def schema_file(path: str) -> Grammar:
 
 
 def borrowed_tokenizer(model: Model) -> Any:
-    """A random model's tokenizer for constrained decoding: the 270M's (Gemma 3's)."""
+    """A random model's tokenizer for constrained decoding: the 270M's (Gemma 3's), or the
+    folder in $GEMMA_MLX_BENCH_TOKENIZER (machines without the 270M package)."""
+    import os
+
     from .hub import resolve
     from .loading import load_tokenizer
     from .speculative import GEMMA3_VOCAB
@@ -784,7 +787,7 @@ def borrowed_tokenizer(model: Model) -> Any:
     if model.config.text.vocab_size < GEMMA3_VOCAB:
         raise BadRequest(f"--json-schema needs Gemma's vocabulary, which {model.name} lacks: "
                          "use --random 270m or a larger shape, or --model")
-    return load_tokenizer(resolve("270m"))
+    return load_tokenizer(resolve(os.environ.get("GEMMA_MLX_BENCH_TOKENIZER", "270m")))
 
 
 def concurrency_bench(args: argparse.Namespace, lengths: list[int], out: Any, err: Any) -> int:
