@@ -204,7 +204,7 @@ def test_a_hang_up_mid_stream_frees_the_model_at_once(server, client, name):
 @pytest.mark.parametrize(("body", "status", "fragments"), [
     ({"n": 2}, 400, ["n"]),
     ({"frobnicate": True}, 400, ["frobnicate"]),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, ["tools"]),
+    ({"functions": [{"name": "f"}]}, 400, ["functions"]),
     ({"temperature": "hot"}, 400, ["temperature"]),
     ({"temperature": 5}, 400, ["temperature"]),
     ({"model": "gpt-4o"}, 404, ["gpt-4o", "not served"]),

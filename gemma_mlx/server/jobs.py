@@ -12,8 +12,10 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from gemma_mlx.constrain import ReplyFormat
 from gemma_mlx.engine import SamplingSettings
 from gemma_mlx.prompt import Prompt
+from gemma_mlx.tools import ToolCall
 
 from .errors import APIError
 
@@ -24,6 +26,11 @@ class GenerationRequest:
     settings: SamplingSettings
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # None: none; 0: the chosen token's; n: also the n likeliest
+    reply_format: ReplyFormat | None = None  # tools (calls parsed and constrained) or a schema
+
+    @property
+    def parses_calls(self) -> bool:
+        return self.reply_format is not None and bool(self.reply_format.prompted_tools)
 
 
 @dataclass
@@ -35,9 +42,20 @@ class TokenInfo:
 
 
 @dataclass
+class CallDelta:
+    """Part of a tool call as it streams: first its id and name, then argument fragments."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+@dataclass
 class Delta:
     text: str
     tokens: list[TokenInfo] = field(default_factory=list)
+    calls: list[CallDelta] = field(default_factory=list)
 
 
 @dataclass
@@ -48,7 +66,8 @@ class Done:
     cached_tokens: int
     prompt_seconds: float
     decode_seconds: float
-    text: str = ""  # the whole reply
+    text: str = ""  # the whole reply's content (without its calls)
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
 
 @dataclass
@@ -82,14 +101,14 @@ class Job:
                 return
 
     async def result(self) -> tuple[str, list[TokenInfo], Done]:
-        """The whole reply (for a request that does not stream)."""
-        text, tokens = [], []
+        """The whole reply (for a request that does not stream): its content, tokens and end
+        (with its tool calls)."""
+        tokens = []
         async for event in self.events():
             if isinstance(event, Failed):
                 raise event.error
             if isinstance(event, Delta):
-                text.append(event.text)
                 tokens += event.tokens
             else:
-                return "".join(text), tokens, event
+                return event.text, tokens, event
         raise APIError(500, "the generation ended without a result")

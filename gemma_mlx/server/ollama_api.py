@@ -22,7 +22,9 @@ from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 
 from gemma_mlx import __version__
+from gemma_mlx.constrain import ReplyFormat, ollama_format
 from gemma_mlx.images import Attachment
+from gemma_mlx.tools import gemma_messages
 
 from .errors import APIError, unsupported
 from .jobs import Done, Failed, GenerationRequest, Job, TokenInfo
@@ -55,8 +57,6 @@ class OllamaRequest(BaseModel):
     def refuse_unsupported(self, *not_implemented: str) -> None:
         fields = list(self.model_extra or {})
         fields += [f for f in not_implemented if getattr(self, f, None)]
-        if self.format not in (None, ""):
-            fields.append("format")
         if self.think:
             fields.append("think")
         options = self.options or {}
@@ -167,12 +167,15 @@ async def show(body: ModelRequest, request: Request) -> dict:
 async def chat(body: ChatRequest, request: Request):
     state = state_of(request)
     request.state.body = body.model_dump(exclude_none=True)
-    body.refuse_unsupported("tools")
+    body.refuse_unsupported()
     state.check_model(body.model)
+    reply_format = await run_in_threadpool(
+        lambda: ReplyFormat.of(body.tools, schema=ollama_format(body.format)))
     messages = await run_in_threadpool(_messages, body.messages)
+    messages = gemma_messages(messages, reply_format.prompted_tools, reply_format.choice)
     prompt = await run_in_threadpool(chat_prompt, state, messages)
     settings, stops = body.settings(state, prompt)
-    generation = GenerationRequest(prompt, settings, stops, body.top)
+    generation = GenerationRequest(prompt, settings, stops, body.top, _constrained(reply_format))
     return await _respond(state, request, body, generation, chat=True)
 
 
@@ -194,23 +197,33 @@ async def generate(body: GenerateRequest, request: Request):
         turns += await run_in_threadpool(_messages, [user])
         prompt = await run_in_threadpool(chat_prompt, state, turns)
     settings, stops = body.settings(state, prompt)
-    generation = GenerationRequest(prompt, settings, stops, body.top)
+    reply_format = await run_in_threadpool(
+        lambda: ReplyFormat.of(schema=ollama_format(body.format)))
+    generation = GenerationRequest(prompt, settings, stops, body.top, _constrained(reply_format))
     return await _respond(state, request, body, generation, chat=False)
 
 
+def _constrained(reply_format: ReplyFormat) -> ReplyFormat | None:
+    return reply_format if reply_format.grammar is not None or reply_format.prompted_tools \
+        else None
+
+
 def _messages(messages: list[OllamaMessage]) -> list[dict[str, Any]]:
+    """Ollama messages with their images decoded (tool calls and results as they are, for
+    tools.gemma_messages)."""
     out = []
     for i, message in enumerate(messages):
-        if message.role not in ("system", "user", "assistant"):
+        if message.role not in ("system", "user", "assistant", "tool"):
             raise APIError(400, f"messages[{i}]: role '{message.role}' is not supported "
-                           "(system, user, assistant)", param=f"messages[{i}]")
-        if (message.model_extra or {}).get("tool_calls"):
-            raise unsupported([f"messages[{i}].tool_calls"])
+                           "(system, user, assistant, tool)", param=f"messages[{i}]")
         content: str | list = message.content
         if message.images:
             content = [*({"type": "image", "attachment": _image(b64, i)}
                          for b64 in message.images), {"type": "text", "text": message.content}]
-        out.append({"role": message.role, "content": content})
+        turn = {"role": message.role, "content": content}
+        if (message.model_extra or {}).get("tool_calls"):
+            turn["tool_calls"] = message.model_extra["tool_calls"]
+        out.append(turn)
     return out
 
 
@@ -232,7 +245,7 @@ async def _respond(state: ServerState, request: Request, body: OllamaRequest,
     if not body.stream:
         text, tokens, done = await until_done(request, job, job.result())
         request.state.tokens = (done.prompt_tokens, done.completion_tokens)
-        return _final(state, _content(text, chat), done.finish_reason, done, started,
+        return _final(state, _content(text, chat, done), done.finish_reason, done, started,
                       _logprobs(state, tokens, generation.logprobs))
     first = await first_event(request, job)
 
@@ -245,6 +258,9 @@ async def _respond(state: ServerState, request: Request, body: OllamaRequest,
                     return
                 if isinstance(event, Done):
                     request.state.tokens = (event.prompt_tokens, event.completion_tokens)
+                    if event.tool_calls:  # as Ollama streams them: whole, before the end
+                        yield json.dumps({"model": state.name, "created_at": _iso(time.time()),
+                                          **_content("", chat, event), "done": False}) + "\n"
                     yield json.dumps(_final(state, _content("", chat), event.finish_reason,
                                             event, started)) + "\n"
                     return
@@ -260,14 +276,19 @@ async def _respond(state: ServerState, request: Request, body: OllamaRequest,
     return StreamingResponse(lines(), media_type="application/x-ndjson")
 
 
-def _content(text: str, chat: bool) -> dict:
-    return {"message": {"role": "assistant", "content": text}} if chat else {"response": text}
+def _content(text: str, chat: bool, done: Done | None = None) -> dict:
+    if not chat:
+        return {"response": text}
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if done is not None and done.tool_calls:
+        message["tool_calls"] = [call.ollama() for call in done.tool_calls]
+    return {"message": message}
 
 
 def _final(state: ServerState, content: dict, reason: str, done: Done | None,
            started: float | None = None, logprobs: list | None = None) -> dict:
     final = {"model": state.name, "created_at": _iso(time.time()), **content, "done": True,
-             "done_reason": "stop" if reason == "cancelled" else reason}
+             "done_reason": "stop" if reason in ("cancelled", "tool_calls") else reason}
     if done is not None:
         final.update(
             total_duration=int((time.perf_counter() - started) * 1e9), load_duration=0,
@@ -304,6 +325,8 @@ def _entry(state: ServerState, name: str) -> dict:
 
 def _capabilities(state: ServerState) -> list[str]:
     caps = ["completion"]
+    if state.model.has_chat_template:
+        caps.append("tools")
     if state.model.config.has_vision:
         caps.append("vision")
     return caps

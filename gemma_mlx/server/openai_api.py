@@ -20,6 +20,8 @@ from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
 from gemma_mlx import __version__
+from gemma_mlx.constrain import ReplyFormat, response_format
+from gemma_mlx.tools import gemma_messages
 
 from .errors import APIError, unsupported
 from .jobs import Delta, Done, Failed, GenerationRequest, Job, TokenInfo
@@ -95,7 +97,10 @@ class ChatRequest(OpenAIRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
 
 
 class CompletionRequest(OpenAIRequest):
@@ -129,11 +134,14 @@ async def get_model(name: str, request: Request) -> dict:
 async def chat_completions(body: ChatRequest, request: Request):
     state = state_of(request)
     request.state.body = body.model_dump(exclude_none=True)
-    body.refuse_unsupported("tools", "tool_choice", "functions", "function_call",
-                            "response_format", "audio", "prediction", "reasoning_effort",
-                            "web_search_options", "verbosity")
+    body.refuse_unsupported("functions", "function_call", "audio", "prediction",
+                            "reasoning_effort", "web_search_options", "verbosity")
     state.check_model(body.model)
+    reply_format = await run_in_threadpool(
+        lambda: ReplyFormat.of(body.tools, body.tool_choice, body.parallel_tool_calls is not False,
+                               schema=response_format(body.response_format)))
     messages = await run_in_threadpool(_messages, state, body.messages)
+    messages = gemma_messages(messages, reply_format.prompted_tools, reply_format.choice)
     prompt = await run_in_threadpool(chat_prompt, state, messages)
     top = body.top_logprobs if body.logprobs else None
     if body.top_logprobs and not body.logprobs:
@@ -141,7 +149,9 @@ async def chat_completions(body: ChatRequest, request: Request):
     settings = sampling(state, prompt, body.max_completion_tokens or body.max_tokens,
                         **body.sampling_options())
     generation = GenerationRequest(prompt, settings, body.stops,
-                                   (top or 0) if body.logprobs else None)
+                                   (top or 0) if body.logprobs else None,
+                                   reply_format if reply_format.grammar is not None
+                                   or reply_format.prompted_tools else None)
     return await _respond(state, request, body, generation, Chat())
 
 
@@ -166,19 +176,19 @@ async def completions(body: CompletionRequest, request: Request):
 
 
 def _messages(state: ServerState, messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """OpenAI messages as the renderer takes them, images fetched and decoded."""
+    """OpenAI messages with their images fetched and decoded (tool calls and results as they
+    are, for tools.gemma_messages)."""
     out = []
     for i, message in enumerate(messages):
-        role = "system" if message.role == "developer" else message.role
-        if role == "tool" or (message.model_extra or {}).get("tool_calls"):
-            raise APIError(400, "tool calls and tool results need tools, which this server "
-                           "does not take yet", param=f"messages[{i}]")
+        extra = message.model_extra or {}
         content = message.content
-        if content is None:
+        if content is None and not extra.get("tool_calls"):
             raise APIError(400, f"messages[{i}] has no content", param=f"messages[{i}]")
-        if isinstance(content, list):
+        if isinstance(content, list) and message.role != "tool":
             content = _parts(state, content, i)
-        out.append({"role": role, "content": content})
+        turn = {"role": message.role, "content": content}
+        turn.update({k: extra[k] for k in ("tool_calls", "tool_call_id") if k in extra})
+        out.append(turn)
     return out
 
 
@@ -243,7 +253,21 @@ def _usage(done: Done) -> dict:
 
 
 def _finish(done: Done) -> str:
-    return "length" if done.finish_reason == "length" else "stop"
+    if done.finish_reason in ("length", "tool_calls"):
+        return done.finish_reason
+    return "stop"
+
+
+def _call_deltas(event: Delta) -> list[dict]:
+    """OpenAI's streamed tool calls: per index, first the id and name, then the arguments."""
+    out = []
+    for call in event.calls:
+        if call.name is not None:
+            out.append({"index": call.index, "id": call.id, "type": "function",
+                        "function": {"name": call.name, "arguments": ""}})
+        else:
+            out.append({"index": call.index, "function": {"arguments": call.arguments}})
+    return out
 
 
 def _token_logprob(info: TokenInfo, tokenizer: Any, top: int) -> dict:
@@ -253,6 +277,14 @@ def _token_logprob(info: TokenInfo, tokenizer: Any, top: int) -> dict:
     return {**entry(info.text, info.logprob),
             "top_logprobs": [entry(tokenizer.decode([t]), lp)
                              for t, lp in info.top_logprobs[:top]]}
+
+
+def _message(text: str, done: Done) -> dict:
+    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+    if done.tool_calls:
+        message["content"] = text or None
+        message["tool_calls"] = [call.openai() for call in done.tool_calls]
+    return message
 
 
 class Chat:
@@ -273,7 +305,7 @@ class Chat:
         return {"id": self.id, "object": "chat.completion", "created": self.created,
                 "model": state.name, "system_fingerprint": FINGERPRINT,
                 "choices": [{"index": 0, "finish_reason": _finish(done),
-                             "message": {"role": "assistant", "content": text, "refusal": None},
+                             "message": _message(text, done),
                              "logprobs": self._logprobs(state, tokens, top)}],
                 "usage": _usage(done)}
 
@@ -295,9 +327,14 @@ class Chat:
                                                "logprobs": None, "finish_reason": None}],
                                       None, with_usage))
         if isinstance(event, Delta):
-            if event.text or event.tokens:
+            delta: dict[str, Any] = {}
+            if event.text or (event.tokens and not event.calls):
+                delta["content"] = event.text
+            if event.calls:
+                delta["tool_calls"] = _call_deltas(event)
+            if delta:
                 frames.append(self._chunk(state, [{
-                    "index": 0, "delta": {"content": event.text},
+                    "index": 0, "delta": delta,
                     "logprobs": self._logprobs(state, event.tokens, top),
                     "finish_reason": None}], None, with_usage))
             return frames

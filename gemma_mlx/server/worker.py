@@ -22,9 +22,10 @@ from gemma_mlx.errors import GemmaError
 from gemma_mlx.model.decode import release_program
 from gemma_mlx.session import Session
 from gemma_mlx.stopping import StopStrings
+from gemma_mlx.tools import ArgumentsDelta, CallStart, ContentDelta, ReplyParser
 
 from .errors import APIError, from_library
-from .jobs import Delta, Done, Failed, Job, TokenInfo
+from .jobs import CallDelta, Delta, Done, Failed, Job, TokenInfo
 from .metrics import Metrics
 from .pool import SessionPool
 
@@ -33,12 +34,16 @@ IDLE_POLL_S = 0.5  # how often an idle worker looks at its closing flag
 
 
 class Generation:
-    """One job while it runs: its session, stop strings and the text it has sent."""
+    """One job while it runs: its session, stop strings, its grammar constraint, the calls it
+    parses out of the reply, and the text it has sent."""
 
     def __init__(self, job: Job, session: Session):
         self.job = job
         self.session = session
         self.stops = StopStrings(job.request.stop)
+        fmt = job.request.reply_format
+        self.constraint = fmt.constraint(session.model) if fmt is not None else None
+        self.parser = ReplyParser() if job.request.parses_calls else None
         self.parts: list[str] = []
         self.started = time.perf_counter()
         self.tokenizer = session.model.tokenizer
@@ -51,20 +56,33 @@ class Generation:
         text = self.stops.feed(chunk.text)
         if chunk.finish_reason is not None:
             text += self.stops.flush()
+        calls: list[CallDelta] = []
+        if self.parser is not None:
+            events = self.parser.feed(text)
+            if chunk.finish_reason is not None:
+                events += self.parser.finish()
+            text = "".join(e.text for e in events if isinstance(e, ContentDelta))
+            calls = [CallDelta(e.index, e.id, e.name) if isinstance(e, CallStart)
+                     else CallDelta(e.index, arguments=e.text) for e in events
+                     if isinstance(e, (CallStart, ArgumentsDelta))]
         infos = []
         if chunk.token is not None and chunk.finish_reason is None:
             infos = [TokenInfo(chunk.token, self.tokenizer.decode([chunk.token]), chunk.logprob,
                                chunk.top_logprobs)]
-        if text or infos:
+        if text or infos or calls:
             self.parts.append(text)
-            self.job.emit(Delta(text, infos))
+            self.job.emit(Delta(text, infos, calls))
 
     def done(self, chunk: Chunk) -> Done:
         finish = "stop" if self.stops.hit else chunk.finish_reason
+        calls = list(self.parser.calls) if self.parser is not None else []
+        if calls and finish in ("stop", "length"):
+            finish = "tool_calls"
         stats = chunk.stats
         decode = max(time.perf_counter() - self.started - stats.prompt_seconds, 0.0)
         return Done(finish, len(self.job.request.prompt.ids), len(chunk.tokens),
-                    self.session.cached_tokens, stats.prompt_seconds, decode, "".join(self.parts))
+                    self.session.cached_tokens, stats.prompt_seconds, decode, "".join(self.parts),
+                    calls)
 
 
 class Worker:
@@ -173,10 +191,15 @@ class Worker:
     def _start(self, batch: Batch, job: Job) -> None:
         request = job.request
         session, _ = self.pool.checkout(request.prompt)
-        generation = Generation(job, session)
+        try:
+            generation = Generation(job, session)
+        except GemmaError as e:
+            self.pool.checkin(session)
+            job.emit(Failed(from_library(e)))
+            return
         stream = Stream(request.prompt, request.settings, session,
                         should_stop=generation.should_stop, logprobs=request.logprobs,
-                        context_limit=self.context_limit)
+                        constraint=generation.constraint, context_limit=self.context_limit)
         try:
             batch.add(stream)
         except GemmaError as e:
@@ -228,12 +251,14 @@ class Worker:
     def _run_alone(self, job: Job) -> None:
         """One job, start to end: speculative decoding, which does not batch."""
         session, _ = self.pool.checkout(job.request.prompt)
-        generation = Generation(job, session)
-        self._running[id(job)] = generation
         request = job.request
         try:
+            generation = Generation(job, session)
+            self._running[id(job)] = generation
             chunk = None
             extra = {"logprobs": request.logprobs} if request.logprobs is not None else {}
+            if generation.constraint is not None:
+                extra["constraint"] = generation.constraint
             chunks = session.stream(request.prompt, request.settings,
                                     should_stop=generation.should_stop,
                                     context_limit=self.context_limit, **extra)
