@@ -20,9 +20,9 @@ from mlx.utils import tree_flatten
 
 from .config import ModelConfig
 from .errors import BadCheckpoint, BadRequest
-from .hub import resolve
 from .model.gemma3 import Gemma3
 from .model.vision import sanitize_vision_weights
+from .models import locate, record_use
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
@@ -84,11 +84,13 @@ def check_kv_bits(kv_bits: int | None) -> None:
 
 def load(name_or_path: str, quantize: bool = True, bits: int = 4, group_size: int = 64,
          dtype: str | None = None, progress: Any = None, mmproj: str | None = None) -> Model:
-    """Load a model by alias (270m, 1b, 4b, 12b, 27b), Hub repo id, folder or .gguf file;
-    `mmproj`, llama.cpp's vision projector file, adds the vision tower to a .gguf model."""
-    path = resolve(name_or_path, progress, mmproj)
+    """Load a model by alias (270m, 1b, 4b, 12b, 27b), Hub repo id, folder, .gguf file or the
+    name `gemma-mlx list` shows; `mmproj`, llama.cpp's vision projector file, adds the vision
+    tower to a .gguf model."""
+    path = locate(name_or_path, progress, mmproj)
     spec = QuantizeSpec(bits, group_size) if quantize else None
     net, quantization = load_net(path, spec, dtype)
+    record_use(path)
     return Model(net, load_tokenizer(path), path, quantization, name_or_path)
 
 
