@@ -369,6 +369,10 @@ def pull(name: str, mmproj: str | None = None, progress: Callable | None = None
                                 "again to finish it") from e
         raise
     model = model_at(folder)
+    if model is not None and not model.complete and model.hub_repo is not None:
+        raise ModelNotFound(f"{name} is only partly downloaded ({format_size(model.size)}): "
+                            f"run `gemma-mlx pull {name}` again with the Hub reachable (and "
+                            "HF_HUB_OFFLINE unset) to finish it")
     if model is None or not model.complete:
         raise BadCheckpoint(f"{name} downloaded to {folder} but is not a complete Gemma 3 "
                             f"model there: `gemma-mlx pull {name}` again, or "

@@ -238,6 +238,19 @@ def test_a_partial_download_is_listed_as_such(caches):
     assert freed == model.size and not snapshot.parent.parent.exists()
 
 
+def test_pulling_a_partial_download_offline_says_how_to_finish_it(caches, capsys):
+    files = folder_files(VISION_4BIT)
+    snapshot = write_cached_repo(caches / "hf" / "hub", "mlx-community/gemma-3-4b-it-qat-4bit",
+                                 {k: v for k, v in files.items() if k != "model.safetensors"})
+    (snapshot.parent.parent / "blobs" / ("d" * 64 + ".0badc0de.incomplete")).write_bytes(b"p")
+    before = everything(caches)
+    assert cli.main(["pull", "4b"]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "4b is only partly downloaded" in lines[0]
+    assert "HF_HUB_OFFLINE unset" in lines[0]
+    assert everything(caches) == before
+
+
 def test_a_gguf_repo_and_its_import_are_one_model(caches):
     hub_cache = caches / "hf" / "hub"
     snapshot = write_cached_repo(hub_cache, "acme/gemma-3-270m-it-GGUF",
