@@ -182,12 +182,12 @@ def fast_forward(chat: Chat, tokens: int, user_tokens: int, reply_tokens: int) -
         reply = tok.encode(" " + user_text(tok, reply_tokens, n + 1000))[:reply_tokens]
         more = [*messages, Message("user", user_text(tok, user_tokens, n)),
                 Message("assistant", tok.decode(reply), token_ids=reply)]
-        if len(chat._conversation_ids(more, generation_prompt=False)) > tokens:
+        if len(chat._prompt(more, generation_prompt=False).ids) > tokens:
             break
         messages = more
     if not messages:
         return 0
-    ids = chat._conversation_ids(messages, generation_prompt=False)
+    ids = chat._prompt(messages, generation_prompt=False).ids
     cfg = model.config.text
     dtype = getattr(mx, float_dtype(model))
     cache = model.make_cache(getattr(chat, "kv_bits", None))
@@ -200,7 +200,7 @@ def fast_forward(chat: Chat, tokens: int, user_tokens: int, reply_tokens: int) -
     compiled_decode(model.net.decoder, cache)  # the layout a reply leaves (ring, reserve)
     mx.eval([a for c in cache for _, a in tree_flatten([c.keys, c.values])])
     chat.messages = messages
-    chat._cache, chat._cached_ids, chat._cached_pictures = cache, ids, []
+    chat.session.cache, chat.session.ids, chat.session.pictures = cache, ids, []
     return len(messages) // 2
 
 
@@ -238,11 +238,11 @@ def grow(model: Model, context: int, user_tokens: int, reply_tokens: int,
             last = chunk
         end = time.perf_counter()
         peak = mx.get_peak_memory()
-        held, kv_used = cache_bytes(chat._cache)  # the Chat's own KV cache (no public handle)
+        held, kv_used = cache_bytes(chat.session.cache)  # the Chat's own KV cache
         stats = last.stats
         turn = Turn(
-            turn=n, context_tokens=chat._cache[0].offset, prompt_tokens=len(prompt),
-            prefilled_tokens=chat.last_prefill_tokens, generated_tokens=stats.generated_tokens,
+            turn=n, context_tokens=chat.session.cache[0].offset, prompt_tokens=len(prompt),
+            prefilled_tokens=chat.session.prefilled_tokens, generated_tokens=stats.generated_tokens,
             finish_reason=last.finish_reason, ttft_s=first_at - start,
             engine_ttft_s=stats.time_to_first_token, turn_s=end - start,
             decode_tps=stats.decode_tps, peak_to_first_token_bytes=first_peak,

@@ -41,7 +41,7 @@ FILLER = ("The river ran past the old mill, where the miller's daughter counted 
           "flour and sang to the geese. ")
 
 
-def random_folder(shape: str, folder: Path) -> Path:
+def random_folder(shape: str, folder: Path, tokenizer: Path | None = None) -> Path:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
@@ -54,7 +54,7 @@ def random_folder(shape: str, folder: Path) -> Path:
     (folder / "config.json").write_text(json.dumps(config))
     mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(
         model.net.parameters())))
-    tokenizer = resolve("270m")
+    tokenizer = tokenizer or resolve("270m")
     for name in ("tokenizer.json", "special_tokens_map.json"):
         (folder / name).write_bytes((tokenizer / name).read_bytes())
     tokenizer_config = json.loads((tokenizer / "tokenizer_config.json").read_text())
@@ -75,8 +75,10 @@ def server_stream(server, name: str, body: dict, chat: bool) -> tuple[float, flo
     start = time.perf_counter()
     first = last = None
     pieces = []
-    with httpx.stream("POST", server.v1 + path, json={"model": name, "stream": True, **body},
+    with httpx.stream("POST", server.url + path, json={"model": name, "stream": True, **body},
                       timeout=3600) as response:
+        if response.status_code != 200:
+            raise SystemExit(f"{path}: HTTP {response.status_code}: {response.read()[:500]}")
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -186,10 +188,12 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=4096,
                         help="tokens of the conversation the follow-up resends")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tokenizer", metavar="FOLDER", type=Path,
+                        help="with --random: tokenizer files to use (default: the 270M's)")
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        model_arg = args.model or str(random_folder(args.random, Path(tmp)))
+        model_arg = args.model or str(random_folder(args.random, Path(tmp), args.tokenizer))
         model = gemma_mlx.load(model_arg)
         results = measure(args, model_arg, model)
     import mlx.core as mx

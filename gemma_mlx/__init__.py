@@ -7,6 +7,8 @@
     print(chat.send("What is in this picture?", images=["photo.jpg"]))
     draft = gemma_mlx.load_draft("270m", model)  # speculative decoding: same replies, faster
     print(gemma_mlx.generate(model, "Tell me a story.", draft_model=draft))
+    chat.send("Weather in Oslo?", tools=[get_weather])  # calls your function, answers with it
+    print(gemma_mlx.generate(model, "A person:", json_schema={"type": "object"}))
     gemma_mlx.serve(model, port=8080)  # OpenAI's and Ollama's APIs over HTTP, until Ctrl-C
     for m in gemma_mlx.installed_models():  # what `gemma-mlx list` shows (gemma_mlx.models)
         print(m.name, m.size, m.last_used)
@@ -36,17 +38,19 @@ _LAZY = {
     "Attachment": "chat", "Chat": "chat", "Message": "chat", "generate": "chat",
     "stream": "chat", "Chunk": "engine", "SamplingSettings": "engine", "Stats": "engine",
     "Model": "loading", "load": "loading", "load_draft": "speculative", "Session": "session",
-    "serve": "server", "InstalledModel": "models", "installed_models": "models",
+    "serve": "server", "batch_generate": "batch", "Tool": "tools", "ToolCall": "tools",
+    "InstalledModel": "models", "installed_models": "models",
 }
 
 __all__ = [
     "Attachment", "BadCheckpoint", "BadImage", "BadRequest", "Chat", "Chunk", "ContextOverflow",
-    "GemmaError", "InstalledModel", "Message", "Model",
-    "ModelNotFound", "SamplingSettings", "ServerNotFound", "Session", "Stats", "__version__",
+    "GemmaError", "InstalledModel", "Message", "Model", "ModelNotFound", "SamplingSettings",
+    "ServerNotFound", "Session", "Stats", "Tool", "ToolCall", "__version__", "batch_generate",
     "generate", "installed_models", "load", "load_draft", "serve", "stream",
 ]
 
 if TYPE_CHECKING:
+    from .batch import batch_generate
     from .chat import Attachment, Chat, Message, generate, stream
     from .engine import Chunk, SamplingSettings, Stats
     from .loading import Model, load
@@ -54,6 +58,7 @@ if TYPE_CHECKING:
     from .server import serve
     from .session import Session
     from .speculative import load_draft
+    from .tools import Tool, ToolCall
 
 
 def __getattr__(name: str) -> Any:

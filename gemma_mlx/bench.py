@@ -24,6 +24,15 @@ do (a quantized cache for the global layers; only the newest N tokens of a longe
 engine with the whole full-precision cache ("gemma-mlx full KV"), so the ratios say what the
 bound saves, e.g. `--random 4b --prompt-tokens 32768,131072 --kv-bits 8`.
 
+`--json-schema FILE`: constrained decoding. The peer is then our own engine with that JSON
+schema as a constraint (peer "json schema"), on the same prompts, interleaved with plain decoding;
+each reply the grammar completes starts it again, so every generated token pays its mask. Each
+prompt length gets `constraint`: `decode_ratio` (decode tok/s constrained / plain, medians;
+the cost is 1 - it), `paired_ratio` (the median of each repeat's ratio, the two runs side by
+side: steadier on a shared machine), `mask_ms` (host milliseconds per token computing masks,
+overlapped with the device's step) and `replies` (grammar-complete replies, over the
+repeats). A random model borrows the 270M's tokenizer (a real vocabulary: 270m and larger).
+
 `--draft-model NAME`: speculative decoding. The peer is then our own engine drafting with
 that model (`--num-draft-tokens` at a time, default 3), on the same prompts and caches as the
 plain run it is interleaved with; the report adds each prompt length's acceptance rate and the
@@ -55,8 +64,9 @@ JSON output (`--json`), one object:
     kv_bits          our KV cache bits (--kv-bits), or null for full precision
     max_context      our context bound (--max-context), or null
     peer             the implementation compared against ("mlx-lm", "mlx-vlm", with a bound
-                     and no --compare "gemma-mlx full KV", with --draft-model "speculative"),
-                     or null
+                     and no --compare "gemma-mlx full KV", with --draft-model "speculative",
+                     with --json-schema "json schema"), or null
+    json_schema      with --json-schema: the schema file; else null
     draft            with --draft-model: {model (its description), num_draft_tokens}; else null
     results          one entry per prompt length:
       prompt_tokens  prompt length
@@ -74,6 +84,8 @@ JSON output (`--json`), one object:
       ratio          ours / peer for prefill_tps, decode_tps, ttft_s, peak_memory_bytes and
                      kv_cache_bytes (above 1 is better for the speeds, below 1 for time and
                      memory); or null
+      constraint     with --json-schema (else null): decode_ratio, paired_ratio, mask_ms,
+                     replies
       speculative    with --draft-model (else null), over the repeats of this prompt length:
         acceptance_rate   accepted_tokens / drafted_tokens
         drafted_tokens    tokens the draft model proposed
@@ -98,6 +110,7 @@ from mlx.utils import tree_flatten
 
 from .chat import MIN_CONTEXT
 from .config import ModelConfig
+from .constrain import Constraint, Grammar, json_schema
 from .engine import SamplingSettings, Stats, generate_tokens
 from .errors import BadImage, BadRequest
 from .loading import Model, QuantizeSpec, compute_dtype, quantize_text_decoder
@@ -390,6 +403,56 @@ class Speculative(Ours):
                 "speedup": entry["peer"]["decode_tps"] / plain if plain else 0.0}
 
 
+class RepeatingConstraint(Constraint):
+    """A constraint that starts its grammar again after each complete reply (a stop token),
+    so that a benchmark's every token is constrained."""
+
+    replies = 0
+
+    def advance(self, token: int) -> None:
+        if token in self.stop_ids:
+            self.replies += 1
+            self.reset()
+            return
+        super().advance(token)
+
+
+class Constrained(Ours):
+    """Our engine with a JSON-schema constraint; keeps each run's constraint (its mask time)."""
+
+    def __init__(self, model: Model, grammar: Grammar, compiled: bool = True,
+                 kv_bits: int | None = None, max_context: int | None = None):
+        super().__init__(model, compiled, kv_bits, max_context, name="json schema")
+        self.grammar = grammar
+        self.constraints: list[RepeatingConstraint] = []  # every run's, warm-up first
+
+    def tokens(self, prompt: list[int], max_tokens: int, pixel_values: mx.array | None = None):
+        features = None
+        if pixel_values is not None:
+            features = self.model.net.encode_images(pixel_values)
+            mx.eval(features)
+        settings = SamplingSettings(temp=0.0, max_tokens=max_tokens)
+        self.cache = self.model.make_cache(self.kv_bits)
+        self.constraints.append(RepeatingConstraint(self.model, self.grammar))
+        return generate_tokens(self.model, prompt, self.cache, settings, Stats(),
+                               image_features=features, compiled=self.compiled,
+                               constraint=self.constraints[-1])
+
+    def figures(self, results: list[dict], repeats: int) -> None:
+        """Each result's `constraint` entry, from the runs after the warm-up, in order."""
+        for i, entry in enumerate(results):
+            runs = self.constraints[1 + i * repeats:1 + (i + 1) * repeats]
+            plain = entry["ours"]["decode_tps"]
+            steps = sum(c.steps for c in runs)
+            pairs = zip(entry["ours"]["runs"], entry["peer"]["runs"], strict=True)
+            entry["constraint"] = {
+                "decode_ratio": entry["peer"]["decode_tps"] / plain if plain else 0.0,
+                "paired_ratio": statistics.median(b["decode_tps"] / a["decode_tps"]
+                                                  for a, b in pairs if a["decode_tps"]),
+                "mask_ms": 1e3 * sum(c.seconds for c in runs) / steps if steps else 0.0,
+                "replies": sum(c.replies for c in runs)}
+
+
 class MlxLm(Implementation):
     name = "mlx-lm"
 
@@ -527,6 +590,12 @@ def table(report: dict) -> str:
     for r in [head, *rows]:
         lines.append("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
     for entry in report["results"]:
+        con = entry.get("constraint")
+        if con:
+            lines.append(f"prompt {entry['prompt_tokens']}: with the JSON schema, decode "
+                         f"{con['decode_ratio']:.3f}x of plain (paired "
+                         f"{con['paired_ratio']:.3f}x), masks {con['mask_ms']:.2f} ms a token "
+                         f"on the host, {con['replies']} complete replies")
         spec = entry.get("speculative")
         if spec:
             lines.append(f"prompt {entry['prompt_tokens']}: draft {report['draft']['model']} "
@@ -562,6 +631,8 @@ def parser() -> argparse.ArgumentParser:
                    help="we keep only this many tokens of longer prompts (as a conversation "
                         "drops its oldest turns); without --compare, measured beside the "
                         "whole context")
+    p.add_argument("--json-schema", metavar="FILE", default=None,
+                   help="measure decoding constrained to this JSON schema beside plain decoding")
     p.add_argument("--draft-model", metavar="NAME", default=None,
                    help="measure speculative decoding with this draft model beside plain "
                         "decoding (with --random: a shape, random weights)")
@@ -569,6 +640,13 @@ def parser() -> argparse.ArgumentParser:
                    help="tokens drafted per step with --draft-model (default: 3)")
     p.add_argument("--no-compile", action="store_true",
                    help="decode op by op, as before compiling (to measure what compiling gives)")
+    p.add_argument("--concurrency", metavar="N,N,...", default=None,
+                   help="continuous batching: N streams at once (e.g. 1,4,8,16), each with "
+                        "one --prompt-tokens length; aggregate and per-stream decode tok/s, "
+                        "time to first token p50/p95, peak memory")
+    p.add_argument("--dense-batch", action="store_true",
+                   help="with --concurrency: batches of several streams step over dense copies "
+                        "of the quantized weights (more memory)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead")
     return p
 
@@ -586,6 +664,8 @@ def parse_lengths(text: str) -> list[int]:
 def run_bench(argv: list[str], out: Any, err: Any) -> int:
     args = parser().parse_args(argv)
     lengths = parse_lengths(args.prompt_tokens)
+    if args.concurrency is not None:
+        return concurrency_bench(args, lengths, out, err)
     if args.gen_tokens < 2:
         raise BadRequest(f"--gen-tokens must be at least 2 (got {args.gen_tokens})")
     if args.repeats < 1:
@@ -593,6 +673,10 @@ def run_bench(argv: list[str], out: Any, err: Any) -> int:
     if args.max_context is not None and (args.max_context < MIN_CONTEXT or args.image):
         raise BadRequest(f"--max-context takes at least {MIN_CONTEXT} tokens, and no --image "
                          "(the image would be the first thing dropped)")
+    grammar = schema_file(args.json_schema) if args.json_schema is not None else None
+    if grammar is not None and (args.compare is not None or args.draft_model is not None):
+        raise BadRequest("--json-schema measures constrained against plain decoding of the "
+                         "same model: leave out --compare and --draft-model")
     if args.draft_model is not None and args.compare is not None:
         raise BadRequest("--draft-model measures speculative against plain decoding of the same "
                          "model: leave out --compare")
@@ -616,6 +700,8 @@ def run_bench(argv: list[str], out: Any, err: Any) -> int:
         from .loading import load
 
         model = load(args.model or DEFAULT_MODEL)
+    if grammar is not None and model.tokenizer is None:
+        model.tokenizer = borrowed_tokenizer(model)
     image = None
     if args.image:
         if not model.config.has_vision:
@@ -643,6 +729,8 @@ def run_bench(argv: list[str], out: Any, err: Any) -> int:
         peer = MlxVlm(mlx_vlm_peer(model))
     elif args.draft_model is not None:  # speculative decoding beside plain (same bounds)
         peer = speculative_peer(model, args, compiled)
+    elif grammar is not None:
+        peer = Constrained(model, grammar, compiled, args.kv_bits, args.max_context)
     elif bounded:  # what the bounds save: the same engine with the whole full-precision cache
         peer = Ours(model, compiled, name=FULL_CACHE)
 
@@ -656,8 +744,8 @@ def run_bench(argv: list[str], out: Any, err: Any) -> int:
         results = measure(ours, peer, lengths, args.gen_tokens, args.repeats, text.vocab_size,
                           progress, image)
     for entry in results:
-        entry["speculative"] = None
-    if isinstance(peer, Speculative):
+        entry["speculative"] = entry["constraint"] = None
+    if isinstance(peer, (Speculative, Constrained)):
         peer.figures(results, args.repeats)
     import mlx_lm
 
@@ -670,9 +758,72 @@ def run_bench(argv: list[str], out: Any, err: Any) -> int:
         "peer": peer.name if peer else None,
         "draft": {"model": peer.draft.description, "num_draft_tokens": peer.num_draft_tokens}
         if isinstance(peer, Speculative) else None,
+        "json_schema": args.json_schema,
         "results": results,
     }
     print(json.dumps(report) if args.json else table(report), file=out)
+    return 0
+
+
+def schema_file(path: str) -> Grammar:
+    """The grammar of a JSON schema file (checked before any model loads)."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise BadRequest(f"cannot read the JSON schema file {path} ({e.strerror}): check the "
+                         "path") from e
+    return json_schema(text, f"the JSON schema in {path}")
+
+
+def borrowed_tokenizer(model: Model) -> Any:
+    """A random model's tokenizer for constrained decoding: the 270M's (Gemma 3's)."""
+    from .hub import resolve
+    from .loading import load_tokenizer
+    from .speculative import GEMMA3_VOCAB
+
+    if model.config.text.vocab_size < GEMMA3_VOCAB:
+        raise BadRequest(f"--json-schema needs Gemma's vocabulary, which {model.name} lacks: "
+                         "use --random 270m or a larger shape, or --model")
+    return load_tokenizer(resolve("270m"))
+
+
+def concurrency_bench(args: argparse.Namespace, lengths: list[int], out: Any, err: Any) -> int:
+    from . import bench_concurrency as cb
+
+    counts = cb.parse_streams(args.concurrency)
+    if len(lengths) != 1:
+        raise BadRequest("--concurrency takes one --prompt-tokens length (e.g. 256)")
+    if args.gen_tokens < 2 or args.repeats < 1:
+        raise BadRequest("--gen-tokens must be at least 2 and --repeats at least 1")
+    for option in ("image", "draft_model", "kv_bits", "max_context", "no_compile", "json_schema"):
+        if getattr(args, option):
+            raise BadRequest(f"--concurrency does not combine with --{option.replace('_', '-')}")
+    if args.compare not in (None, "mlx-lm"):
+        raise BadRequest("--concurrency compares with --compare mlx-lm (its BatchGenerator)")
+    if args.random:
+        model = random_model(args.random)
+    else:
+        from .hub import DEFAULT_MODEL
+        from .loading import load
+
+        model = load(args.model or DEFAULT_MODEL)
+    if lengths[0] + args.gen_tokens > model.config.text.max_position_embeddings:
+        raise BadRequest("prompt plus generated tokens exceed the context window")
+    decode_program(model.net.decoder)  # fuses in place before the peer shares the weights
+    peer = cb.MlxLmBatched(mlx_lm_peer(model)) if args.compare == "mlx-lm" else None
+    import mlx_lm
+    from mlx_lm.generate import wired_limit
+
+    with wired_limit(model.net):
+        results = cb.measure(model, peer, counts, lengths[0], args.gen_tokens, args.repeats,
+                             lambda line: print(line, file=err, flush=True), args.dense_batch)
+    report = {"model": model.description, "device": str(mx.default_device()),
+              "dtype": _float_dtype(model.net), "mlx": mx.__version__,
+              "mlx_lm": mlx_lm.__version__, "prompt_tokens": lengths[0],
+              "gen_tokens": args.gen_tokens, "repeats": args.repeats,
+              "dense_batch": args.dense_batch, "peer": peer.name if peer else None,
+              "concurrency": results}
+    print(json.dumps(report) if args.json else cb.table(report), file=out)
     return 0
 
 

@@ -128,6 +128,12 @@ def add_oneshot_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--raw", action="store_true",
                         help="complete the prompt as plain text, without the chat template "
                              "(automatic for base models, which have none)")
+    structured = parser.add_mutually_exclusive_group()
+    structured.add_argument("--json-schema", metavar="FILE_OR_JSON", default=None,
+                            help="the reply is JSON matching this schema (a file, or the "
+                                 "schema itself), enforced token by token")
+    structured.add_argument("--json", action="store_true",
+                            help="the reply is a JSON object (any keys)")
     parser.add_argument("--verbose", "-v", action="store_true",
                         help="print speed, time to first token and peak memory (and the draft's "
                              "acceptance rate) on stderr")
@@ -166,6 +172,7 @@ def answer(args: argparse.Namespace, interrupt: Interrupt) -> int:
     SamplingSettings(**sampling).validate()  # before the (slow) load
     check_max_context(args.max_context)
     drafting = draft_options(args)
+    schema = reply_schema(args)
     model = load(args.model, mmproj=args.mmproj)
     if args.draft_model is not None:
         from .speculative import load_draft
@@ -176,6 +183,9 @@ def answer(args: argparse.Namespace, interrupt: Interrupt) -> int:
     explain_raw = raw is None and not model.has_chat_template and not args.image
     chunk = None
     extra = {"images": args.image, "pan_and_scan": args.pan_and_scan} if args.image else {}
+    if schema is not None:
+        extra["json_schema"] = schema
+    noted: set[str] = set()
     for chunk in stream(model, prompt, system=args.system, raw=raw, max_context=args.max_context,
                         kv_bits=args.kv_bits, should_stop=interrupt, **drafting, **extra,
                         **sampling):
@@ -184,6 +194,10 @@ def answer(args: argparse.Namespace, interrupt: Interrupt) -> int:
             print(f"note: {model.name} has no chat template (a base model), so the prompt is "
                   "completed as plain text, as with --raw", file=sys.stderr)
             explain_raw = False
+        for notice in chunk.notices:
+            if notice not in noted:
+                print(f"note: {notice}", file=sys.stderr)
+                noted.add(notice)
         sys.stdout.write(chunk.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -192,6 +206,29 @@ def answer(args: argparse.Namespace, interrupt: Interrupt) -> int:
     if chunk is not None and chunk.finish_reason == "cancelled":
         raise KeyboardInterrupt
     return 0
+
+
+def reply_schema(args: argparse.Namespace):
+    """The constraint of --json-schema (a file or the schema's JSON) or --json, checked now:
+    a schema we cannot enforce is a one-line error before the model loads."""
+    from pathlib import Path
+
+    from . import constrain
+
+    if args.json:
+        return constrain.json_object()
+    if args.json_schema is None:
+        return None
+    value = args.json_schema.strip()
+    if value.startswith(("{", "[")) or value in ("true", "false"):
+        return constrain.json_schema(value, "the --json-schema")
+    path = Path(value).expanduser()
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise BadRequest(f"--json-schema {value}: no such file ({e.strerror}); give a schema "
+                         "file or the schema itself, e.g. '{\"type\": \"object\"}'") from e
+    return constrain.json_schema(text, f"the JSON schema in {value}")
 
 
 def convert_command(argv: list[str]) -> int:
@@ -206,10 +243,15 @@ def convert_command(argv: list[str]) -> int:
                              "name)")
     parser.add_argument("--out", "-o", default=None,
                         help="write this folder instead, outside gemma-mlx's models folder")
-    parser.add_argument("--bits", type=int, choices=(4, 8), default=4,
+    parser.add_argument("--bits", type=int, choices=(4, 8), default=None,
                         help="quantization bits for unquantized checkpoints (default: 4)")
-    parser.add_argument("--group-size", type=int, choices=(32, 64), default=64,
-                        help="quantization group size (default: 64)")
+    parser.add_argument("--group-size", type=int, choices=(32, 64), default=None,
+                        help="quantization group size (default: 64; 32 with --qat)")
+    parser.add_argument("--qat", action=argparse.BooleanOptionalAction, default=None,
+                        help="quantize with llama.cpp's Q4_0 rule (4 bits, groups of 32), the "
+                             "grid Google's QAT checkpoints were trained for; the embedding stays "
+                             "unquantized, as in Google's QAT GGUFs (default: for checkpoints "
+                             "marked *-qat-q4_0-*, with a note; --no-qat: MLX's own rule)")
     parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None,
                         help="dtype of the unquantized tensors (default: as stored)")
     parser.add_argument("--no-quantize", action="store_true",
@@ -218,7 +260,7 @@ def convert_command(argv: list[str]) -> int:
                         help=MMPROJ_HELP.replace("for --image", "in mlx-vlm's layout"))
     args = parser.parse_args(argv)
     options = dict(bits=args.bits, group_size=args.group_size, dtype=args.dtype,
-                   quantize=not args.no_quantize, mmproj=args.mmproj)
+                   quantize=not args.no_quantize, mmproj=args.mmproj, qat=args.qat)
     if args.out is None:
         from .models import check_name, convert_into, default_name
 
@@ -307,6 +349,13 @@ def serve_command(argv: list[str]) -> int:
                         help="also show the model crops of large or non-square images")
     parser.add_argument("--cors", nargs="+", default=[], metavar="ORIGIN",
                         help="allow browsers on these origins (default: CORS off)")
+    parser.add_argument("--max-batch", type=int, default=None, metavar="N",
+                        help="requests decoded together (continuous batching; default: as "
+                             "many as fit in half the memory the weights leave, at most 16)")
+    parser.add_argument("--dense-batch", action="store_true",
+                        help="batches of several requests step over dense copies of the "
+                             "quantized weights: more memory (a 4B: ~8 GB more), faster where "
+                             "quantized matmuls of several rows are slow (NVIDIA GPUs)")
     parser.add_argument("--max-queue", type=int, default=16, metavar="N",
                         help="requests that may wait for the model; more get 429 (default: 16)")
     parser.add_argument("--allow-private-urls", action="store_true",
@@ -324,6 +373,7 @@ def serve_command(argv: list[str]) -> int:
     check_max_context(args.max_context)
     drafting = draft_options(args)
     for name, value in (("--port", args.port), ("--max-queue", args.max_queue),
+                        ("--max-batch", args.max_batch or 1),
                         ("--cache-sessions", args.cache_sessions),
                         ("--max-body-mb", args.max_body_mb)):
         if value < (0 if name == "--max-queue" else 1) or (name == "--port" and value > 65535):
@@ -339,7 +389,9 @@ def serve_command(argv: list[str]) -> int:
 
         draft = load_draft(args.draft_model, model)
     serve(model, host=args.host, port=args.port, draft_model=draft, api_key=args.api_key,
-          cors=args.cors, max_queue=args.max_queue, allow_private_urls=args.allow_private_urls,
+          cors=args.cors, max_queue=args.max_queue, max_batch=args.max_batch,
+          dense_batch=args.dense_batch,
+          allow_private_urls=args.allow_private_urls,
           max_context=args.max_context, kv_bits=args.kv_bits, pan_and_scan=args.pan_and_scan,
           cache_sessions=args.cache_sessions, cache_bytes=int(args.cache_memory * 2**30),
           max_body_bytes=args.max_body_mb << 20, verbose=args.verbose, **drafting)
@@ -368,7 +420,9 @@ def run_command(argv: list[str]) -> int:
     if args.prompt is None:
         given = [flag for flag, value in (("--image", args.image), ("--raw", args.raw),
                                           ("--verbose", args.verbose),
-                                          ("--pan-and-scan", args.pan_and_scan)) if value]
+                                          ("--pan-and-scan", args.pan_and_scan),
+                                          ("--json-schema", args.json_schema),
+                                          ("--json", args.json)) if value]
         if given:
             raise BadRequest(f"{given[0]} goes with a prompt: `gemma-mlx run {args.model} "
                              f"PROMPT {given[0]} ...` (in the chat app, /image attaches one)")

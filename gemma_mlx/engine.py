@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 from mlx_lm.generate import wired_limit
@@ -21,10 +21,15 @@ from .errors import BadRequest, ContextOverflow
 from .loading import Model
 from .model.decode import compiled_decode
 
+if TYPE_CHECKING:
+    from .constrain import Constraint
+
 # Tokens per prefill pass. 2048, as mlx-lm's default: on an H100 (4B, 4096-token prompt) 512
 # ran at 0.6x the speed of 2048 and 1024 at 0.8x (benchmarks/RESULTS.md); larger chunks cost
 # activation memory.
 PREFILL_CHUNK = 2048
+SPECULATION_OFF = ("speculative decoding is off for this reply: its tokens follow a grammar "
+                   "(JSON schema or tool calls), which the draft model's proposals do not")
 
 
 @dataclass
@@ -65,6 +70,7 @@ class Stats:
     peak_memory: int = 0
     drafted_tokens: int = 0  # speculative decoding: tokens the draft model proposed
     accepted_tokens: int = 0  # ... and those of them the model accepted
+    constraint_seconds: float = 0.0  # host time computing grammar masks (beside the device's)
 
     @property
     def time_to_first_token(self) -> float:
@@ -104,6 +110,8 @@ class Chunk:
     stats: Stats
     finish_reason: str | None = None  # "stop", "length" or "cancelled" on the last chunk
     tokens: list[int] = field(default_factory=list)  # every generated token so far
+    notices: list[str] = field(default_factory=list)  # what the user should be told
+    tool_calls: list = field(default_factory=list)  # the last chunk's, when the reply calls
     logprob: float | None = None  # with `logprobs`: the token's log-probability ...
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)  # ... and the top ones
 
@@ -144,19 +152,31 @@ def prefill(model: Model, ids: Sequence[int], cache: list, chunk: int | None = N
             image_features: mx.array | None = None,
             should_stop: Callable[[], bool] | None = None) -> mx.array:
     """Run the prompt through the model in chunks; return the last position's logits [vocab].
+    `should_stop` is asked before each chunk: a long prompt can be stopped too
+    (PrefillStopped)."""
+    chunks = prefill_chunks(model, ids, cache, chunk, image_features)
+    while True:
+        if should_stop is not None and should_stop():
+            raise PrefillStopped
+        logits = next(chunks)
+        if logits is not None:
+            return logits
+
+
+def prefill_chunks(model: Model, ids: Sequence[int], cache: list, chunk: int | None = None,
+                   image_features: mx.array | None = None) -> Iterator[mx.array | None]:
+    """The prefill one chunk at a time (so that a batch can decode between them): None after
+    each chunk but the last, then the last position's logits [vocab].
 
     A chunk never ends inside an image (its tokens attend to each other both ways), and each
     chunk gets the soft tokens of the images it holds. Only the last position goes through
-    the output head (262k columns). `should_stop` is asked before each chunk: a long prompt
-    can be stopped too (PrefillStopped)."""
+    the output head (262k columns)."""
     image_token = model.config.image_token_index
     chunk = chunk or PREFILL_CHUNK
     ids = list(ids)
     start, images_done = 0, 0
     per_image = model.config.mm_tokens_per_image
     while True:
-        if should_stop is not None and should_stop():
-            raise PrefillStopped
         end = chunk_end(ids, start, chunk, image_token)
         n_images = sum(1 for t in ids[start:end] if t == image_token) // per_image
         features = None
@@ -165,9 +185,11 @@ def prefill(model: Model, ids: Sequence[int], cache: list, chunk: int | None = N
         images_done += n_images
         h = model.net.hidden(mx.array(ids[start:end])[None], cache, features, eval_layers=True)
         if end == len(ids):
-            return model.net.logits(h[:, -1, :])[0]
+            yield model.net.logits(h[:, -1, :])[0]
+            return
         mx.eval([c.state for c in cache])
         mx.clear_cache()
+        yield None
         start = end
 
 
@@ -192,22 +214,26 @@ def generate_tokens(model: Model, prompt: Sequence[int], cache: list,
                     image_features: mx.array | None = None,
                     compiled: bool = True,
                     should_stop: Callable[[], bool] | None = None,
-                    logprobs: Logprobs | None = None) -> Iterator[int]:
+                    logprobs: Logprobs | None = None,
+                    constraint: Constraint | None = None) -> Iterator[int]:
     """Yield sampled token ids (`should_stop` can end the prefill: PrefillStopped; `logprobs`
     records each token's log-probabilities, in order, for the caller to read). Decode is
     pipelined: step n+1 is queued with `mx.async_eval` before step n's token is read, so Python
     and the device overlap. Each decode step is one compiled graph (`model.decode.compiled_decode`)
     where the caches allow; `compiled=False` decodes op by op through the model instead (the
-    reference the compiled path must equal)."""
+    reference the compiled path must equal). A `constraint` (constrain.py) masks each step's
+    logits to the tokens its grammar allows (logprobs stay the model's own, before the mask)."""
     if settings.seed is not None:
         mx.random.seed(settings.seed)
     sampler = make_sampler(settings.temp, settings.top_p, settings.min_p, top_k=settings.top_k)
     processors = make_logits_processors(repetition_penalty=settings.repetition_penalty)
     history = mx.array(prompt)
 
-    def sample(logits: mx.array) -> mx.array:
+    def sample(logits: mx.array, allowed: mx.array | None = None) -> mx.array:
         nonlocal history
         raw = logits
+        if allowed is not None:
+            logits = mx.where(allowed, logits, -mx.inf)
         for processor in processors:
             logits = processor(history, logits[None])[0]
         token = sampler((logits - mx.logsumexp(logits))[None])
@@ -219,29 +245,59 @@ def generate_tokens(model: Model, prompt: Sequence[int], cache: list,
 
     fast = None
 
-    def step(token: mx.array) -> mx.array:
+    def forward(token: mx.array) -> mx.array:
         if fast is not None:
-            return sample(fast.step(token, cache))
-        return sample(model.net.logits(model.net.hidden(token[None], cache)[:, -1, :])[0])
+            return fast.step(token, cache)
+        return model.net.logits(model.net.hidden(token[None], cache)[:, -1, :])[0]
 
     start = time.perf_counter()
-    token = sample(prefill(model, prompt, cache, image_features=image_features,
-                           should_stop=should_stop))
+    logits = prefill(model, prompt, cache, image_features=image_features,
+                     should_stop=should_stop)
+    if constraint is not None:
+        mx.async_eval(logits)  # the first mask is computed while the prompt runs
+    token = sample(logits, constraint.mask() if constraint is not None else None)
     if compiled:
         fast = compiled_decode(model.net.decoder, cache)
     mx.eval(token)
     stats.prompt_tokens = len(prompt)
     stats.prompt_seconds = time.perf_counter() - start
+    if constraint is not None:
+        yield from _constrained(token, forward, sample, constraint, settings.max_tokens, stats)
+        return
     decode_start = time.perf_counter()
     for n in range(settings.max_tokens):
         if n + 1 < settings.max_tokens:
-            next_token = step(token)
+            next_token = sample(forward(token))
             mx.async_eval(next_token)
         stats.generated_tokens = n + 1
         stats.decode_seconds = time.perf_counter() - decode_start
         yield token.item()  # the caller stops by no longer reading (or closing the generator)
         if n + 1 < settings.max_tokens:
             token = next_token
+        if n % 256 == 255:
+            mx.clear_cache()
+
+
+def _constrained(token: mx.array, forward: Callable, sample: Callable, constraint: Constraint,
+                 max_tokens: int, stats: Stats) -> Iterator[int]:
+    """The decode loop with a constraint. Step n+1's mask needs step n's token on the host, so
+    the forward pass of step n+1 is queued first (it only needs the token as an array) and the
+    mask is computed while the device runs it; then the sampling of n+1 and the forward pass of
+    n+2 are queued together, so the device never waits for the host's mask work."""
+    decode_start = time.perf_counter()
+    logits = forward(token) if max_tokens > 1 else None
+    mx.async_eval(token, *([logits] if logits is not None else []))
+    for n in range(max_tokens):
+        t = token.item()
+        constraint.advance(t)
+        if n + 1 < max_tokens:
+            token = sample(logits, constraint.mask())
+            logits = forward(token) if n + 2 < max_tokens else None
+            mx.async_eval(token, *([logits] if logits is not None else []))
+        stats.generated_tokens = n + 1
+        stats.decode_seconds = time.perf_counter() - decode_start
+        stats.constraint_seconds = constraint.seconds
+        yield t
         if n % 256 == 255:
             mx.clear_cache()
 
@@ -256,11 +312,14 @@ def stream_tokens(model: Model, prompt: Sequence[int], settings: SamplingSetting
                   should_stop: Callable[[], bool] = lambda: False,
                   image_features: mx.array | None = None,
                   context_limit: int | None = None, draft: Any = None,
-                  logprobs: int | None = None) -> Iterator[Chunk]:
+                  logprobs: int | None = None,
+                  constraint: Constraint | None = None) -> Iterator[Chunk]:
     """Generate from prompt ids (the tokens after those already in `cache`), yielding text
     chunks; stops at <end_of_turn> / <eos>, at max_tokens or at the context limit. With a
     `speculative.Draft`, its draft model proposes tokens that the model checks. `logprobs`
-    (0 for the chosen token's only, or how many of the likeliest) fills the chunks' logprobs."""
+    (0 for the chosen token's only, or how many of the likeliest) fills the chunks' logprobs.
+    A `constraint` (constrain.py) keeps the reply to its grammar, and turns drafting off (a
+    notice says so: the draft's proposals would not be checked against the grammar)."""
     settings.validate()
     if logprobs is not None and draft is not None:
         raise BadRequest("log-probabilities are not reported with a draft model: leave out one")
@@ -281,13 +340,21 @@ def stream_tokens(model: Model, prompt: Sequence[int], settings: SamplingSetting
     stats = Stats()
     mx.reset_peak_memory()
     tokens: list[int] = []
+    notices: list[str] = []
     finish, stop_token = "length", None
+    if draft is not None and constraint is not None:
+        notices.append(SPECULATION_OFF)
+        draft = None
     # On Metal, keep the weights wired while generating, as mlx-lm does (a no-op elsewhere).
-    generate = draft.tokens if draft is not None else generate_tokens
     recorder = Logprobs(logprobs) if logprobs is not None else None
     extra = {"logprobs": recorder} if recorder is not None else {}
-    ids = generate(model, prompt, cache, settings, stats, image_features=image_features,
-                   should_stop=should_stop, **extra)
+    if draft is not None:
+        ids = draft.tokens(model, prompt, cache, settings, stats, image_features=image_features,
+                           should_stop=should_stop, **extra)
+    else:
+        ids = generate_tokens(model, prompt, cache, settings, stats,
+                              image_features=image_features, should_stop=should_stop,
+                              constraint=constraint, **extra)
     # Closed on leaving the loop (a draft then rolls both caches back to the tokens read).
     with wired_limit(model.net), closing(ids):
         # should_stop is asked once per token, here (asking twice could see it change between
@@ -302,7 +369,7 @@ def stream_tokens(model: Model, prompt: Sequence[int], settings: SamplingSetting
                 detok.add_token(token)
                 stats.peak_memory = mx.get_peak_memory()
                 yield Chunk(detok.last_segment, token, stats, tokens=tokens, logprob=scores[0],
-                            top_logprobs=scores[1])
+                            top_logprobs=scores[1], notices=notices)
                 if should_stop():
                     finish = "cancelled"
                     break
@@ -310,4 +377,5 @@ def stream_tokens(model: Model, prompt: Sequence[int], settings: SamplingSetting
             finish = "cancelled"
     detok.finalize()
     stats.peak_memory = mx.get_peak_memory()
-    yield Chunk(detok.last_segment, stop_token, stats, finish_reason=finish, tokens=tokens)
+    yield Chunk(detok.last_segment, stop_token, stats, finish_reason=finish, tokens=tokens,
+                notices=notices)

@@ -35,6 +35,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
 from .errors import BadCheckpoint
+from .qat import RULE
 from .safetensors_out import write_safetensors
 
 Q = GGMLQuantizationType
@@ -464,6 +465,14 @@ def _stop_ids(tokens: list[str], eos: int) -> list[int]:
     return ids
 
 
+def _on_q4_0_grid(plan: dict[str, GGUFTensor]) -> bool:
+    """Whether every linear layer of the decoder is Q4_0 (Google's QAT files): the folder then
+    says so, as `convert --qat` writes it ("rule": "q4_0")."""
+    linear = [t.qtype for p, t in plan.items()
+              if ".layers." in p and not p.endswith("norm") and not p.startswith(_VISION)]
+    return bool(linear) and all(q == Q.Q4_0 for q in linear)
+
+
 def _quantization(modules: dict[str, Setting]) -> dict[str, Any]:
     """mlx-lm's quantization entry: the commonest setting on top, and each module's own."""
     group_size, bits = Counter(modules.values()).most_common(1)[0][0]
@@ -796,6 +805,8 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = DEFAULT
         write_preprocessor_config(vision, tokens_per_image, out)
     if modules:
         config["quantization"] = _quantization(modules)
+        if _on_q4_0_grid(plan):
+            config["quantization"]["rule"] = RULE
         config["quantization_config"] = config["quantization"]  # mlx-community writes both
     (out / "config.json").write_text(json.dumps(config, indent=2))  # last: marks it complete
     return out

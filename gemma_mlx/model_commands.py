@@ -9,7 +9,6 @@ import os
 import sys
 import threading
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 from .errors import BadRequest, ServerNotFound
@@ -40,24 +39,21 @@ def pull_command(argv: list[str]) -> int:
 
 
 def _interruptible_pull(name: str, mmproj: str | None) -> InstalledModel:
-    """`models.pull`, stopped at once by Ctrl-C. An import (a .gguf file, the 270M) runs here,
-    where Ctrl-C unwinds it and its staging folder goes. A download runs in a thread:
+    """`models.pull`, stopped at once by Ctrl-C. The downloads (`fetch`) run in a thread:
     huggingface_hub's pool waits for its download threads, which notice nothing before their
     next chunk (up to 10 MB away), and deletes the partial file of a download that fails; so on
     Ctrl-C the process ends under them, and the partial files stay for the next pull to resume
-    (hub_resume.py)."""
+    (hub_resume.py). An import (`finish_pull`) runs here, where Ctrl-C unwinds it and its
+    staging folder goes."""
     from huggingface_hub.utils import tqdm
 
-    from .models import pull
+    from .models import fetch, finish_pull
 
-    if Path(name).expanduser().is_file() or name.strip().lower() == PYPI_270M:
-        with Interrupt().installed():
-            return pull(name, mmproj, progress=tqdm)
     outcome: dict[str, Any] = {}
 
     def work() -> None:
         try:
-            outcome["model"] = pull(name, mmproj, progress=tqdm)
+            fetch(name, mmproj, progress=tqdm)
         except BaseException as e:  # handed to the main thread, which raises it
             outcome["error"] = e
 
@@ -71,9 +67,9 @@ def _interruptible_pull(name: str, mmproj: str | None) -> InstalledModel:
             print(f"\ninterrupted: `gemma-mlx pull {name}` again resumes where it stopped",
                   file=sys.stderr, flush=True)
             os._exit(EXIT_INTERRUPTED)
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["model"]
+        if "error" in outcome:
+            raise outcome["error"]
+        return finish_pull(name, mmproj, progress=tqdm)
 
 
 def list_command(argv: list[str]) -> int:

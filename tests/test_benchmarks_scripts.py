@@ -91,3 +91,58 @@ def test_plot_draws_each_kind(scripts, tmp_path):
     scripts("plot").main(sources)
     for source in sources:
         assert Path(source).with_suffix(".png").stat().st_size > 1000
+
+
+def test_qat_grids_measures_each_grid_against_the_reference(scripts):
+    """On a tiny random decoder: the reference agrees with itself, every grid costs something,
+    the Q4_0 grid is gguf-py's and the embedding is quantized only in the "+ embedding" rows."""
+    import mlx.core as mx
+    import numpy as np
+    from conftest import TINY_TEXT
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+    from mlx.utils import tree_flatten
+
+    from gemma_mlx.config import ModelConfig
+    from gemma_mlx.model.gemma3 import Gemma3
+
+    grids = scripts("qat_grids")
+    net = Gemma3(ModelConfig.from_dict(TINY_TEXT))
+    mx.eval(net.parameters())
+    matrices = {k: v for k, v in tree_flatten(net.parameters()) if v.ndim == 2}
+    types = {k: "embedding F32" if k == grids.EMBEDDING else "F32" for k in matrices}
+    w = np.array(matrices[next(k for k in matrices if ".layers." in k)])
+    q4_0 = GGMLQuantizationType.Q4_0
+    np.testing.assert_array_equal(np.array(grids.q4_0(mx.array(w))),
+                                  dequantize(quantize(w, q4_0), q4_0).reshape(w.shape))
+    windows = [mx.array([2, 818, 5279, 529, 7001, 563]), mx.array([2, 9079, 236761, 108])]
+    rows = grids.measure(net, matrices, types, windows)
+    assert [(r["grid"], r["embedding"]) for r in rows] == [("float32 reference", "float32")] + [
+        (g, e) for g in grids.GRIDS for e in ("float32", "quantized")]
+    assert rows[0]["kl_mean"] == 0 and rows[0]["top1_agreement"] == 1
+    for row in rows[1:]:
+        assert row["kl_mean"] > 0 and 0 <= row["top1_agreement"] <= 1 and row["perplexity"] > 0
+        assert ("embedding F32" in row["weight_rel_rms"]) == (row["embedding"] == "quantized")
+    for key, value in tree_flatten(net.parameters()):  # the reference is back in place
+        if key in matrices:
+            assert value is matrices[key]
+
+
+def test_constraint_value_counts_valid_replies_both_ways(scripts, tmp_path, folder_270m):
+    out = tmp_path / "value.json"
+    report = scripts("constraint_value").main(["--limit", "2", "--max-tokens", "40",
+                                               "--json", str(out)])
+    assert json.loads(out.read_text())["schemas"] == 2 == len(report["rows"])
+    assert report["valid_with"] == 2  # the constraint's promise, on the real 270M
+    for row in report["rows"]:
+        assert row["with"]["valid"] and row["with"]["tokens"] <= 40
+        assert isinstance(row["without"]["valid"], bool)
+
+
+def test_grammar_engines_reports_llguidance(scripts, tmp_path, folder_270m):
+    report = scripts("grammar_engines").main(["--engines", "llguidance", "--tokens", "8",
+                                              "--repeats", "1"])
+    engine = report["engines"][0]
+    assert engine["engine"] == "llguidance" and len(engine["cases"]) == 4
+    for case in engine["cases"]:
+        assert case["tokens"] == 8 and case["mask_ms"]["median"] > 0

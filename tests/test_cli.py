@@ -166,3 +166,54 @@ def test_ctrl_c_stops_at_any_moment(folder_270m, stratum, signals):
     # both as 130.
     assert proc.returncode in (130, -signal.SIGINT), err
     assert "Traceback" not in err and "interrupted" in err
+
+
+PERSON = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 20},
+    "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+    "required": ["name", "age"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("as_file", [True, False])
+def test_json_schema_replies_validate(folder_270m, tmp_path, as_file):
+    import jsonschema
+
+    schema = tmp_path / "person.json"
+    schema.write_text(json.dumps(PERSON))
+    value = str(schema) if as_file else json.dumps(PERSON)
+    result = run("-m", "270m", "A person as JSON:", "--json-schema", value, "--max-tokens", "40",
+                 "--temp", "0")
+    assert result.returncode == 0, result.stderr
+    jsonschema.validate(json.loads(result.stdout), PERSON)
+
+
+def test_json_option_asks_for_any_json_object(monkeypatch):
+    seen = {}
+
+    class FakeModel:
+        has_chat_template = True
+        path = Path("fake")
+
+    def fake_stream(model, prompt, **options):
+        seen.update(options)
+        return iter(())
+
+    monkeypatch.setattr("gemma_mlx.loading.load", lambda name, **options: FakeModel())
+    monkeypatch.setattr("gemma_mlx.chat.stream", fake_stream)
+    assert cli.main(["hello", "--json"]) == 0
+    assert seen["json_schema"].kind == "json_object"
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--json-schema", '{"type": "array", "uniqueItems": true}'], ["uniqueItems",
+                                                                   "cannot be enforced"]),
+    (["--json-schema", '{"type": '], ["not valid JSON"]),
+    (["--json-schema", "no/such/schema.json"], ["no such file", "the schema itself"]),
+    (["--json", "--json-schema", "{}"], None),
+])
+def test_bad_schema_options_are_one_line_errors(args, fragments):
+    result = run("-m", "270m", PROMPT, *args)
+    if fragments is None:  # argparse: the two options exclude each other
+        assert result.returncode == 2 and "not allowed with" in result.stderr
+        return
+    assert_one_line_error(result, *fragments)

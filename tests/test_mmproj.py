@@ -59,9 +59,11 @@ def tmp(tmp_path_factory) -> Path:
 # ---------------------------------------------------------------------------------------------
 # Synthesizing the files
 
-def write_text_gguf(path: Path, tokens: list[str]) -> Path:
-    """A tiny Gemma 3 text GGUF as llama.cpp writes one: Q8_0 matrices, F32 norms holding 1 + w,
-    the real 262144-token vocabulary (no <image_soft_token> row, as in the 1B's)."""
+def write_text_gguf(path: Path, tokens: list[str], matrices: GGMLQuantizationType = Q.Q8_0,
+                    embedding: GGMLQuantizationType | None = None) -> Path:
+    """A tiny Gemma 3 text GGUF as llama.cpp writes one: Q8_0 matrices (or `matrices`; the
+    token embedding in `embedding`, by default the same), F32 norms holding 1 + w, the real
+    262144-token vocabulary (no <image_soft_token> row, as in the 1B's)."""
     rng = np.random.default_rng(1)
     t = TINY_TEXT
     hidden, ff, heads, kv, head_dim = (t["hidden_size"], t["intermediate_size"],
@@ -84,14 +86,17 @@ def write_text_gguf(path: Path, tokens: list[str]) -> Path:
     writer.add_uint32("tokenizer.ggml.eos_token_id", 1)
     writer.add_uint32("tokenizer.ggml.padding_token_id", 0)
 
-    def matrix(name: str, rows: int, cols: int) -> None:
+    def matrix(name: str, rows: int, cols: int, qtype: GGMLQuantizationType = matrices) -> None:
         w = rng.normal(0, 0.2, (rows, cols)).astype(np.float32)
-        writer.add_tensor(name, quantize(w, Q.Q8_0), raw_dtype=Q.Q8_0)
+        if qtype == Q.F16:
+            writer.add_tensor(name, w.astype(np.float16))
+        else:
+            writer.add_tensor(name, quantize(w, qtype), raw_dtype=qtype)
 
     def norm(name: str, size: int) -> None:
         writer.add_tensor(name, (1 + rng.normal(0, 0.2, size)).astype(np.float32))
 
-    matrix("token_embd.weight", len(tokens), hidden)
+    matrix("token_embd.weight", len(tokens), hidden, embedding or matrices)
     for i in range(t["num_hidden_layers"]):
         b = f"blk.{i}."
         matrix(b + "attn_q.weight", heads * head_dim, hidden)

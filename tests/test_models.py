@@ -270,6 +270,24 @@ def test_a_gguf_repo_and_its_import_are_one_model(caches):
     assert models.installed_models() == []
 
 
+def test_a_qat_alias_is_its_gguf_repo_and_the_import_made_from_it(caches):
+    repo, model_file, mmproj_file = hub.QAT_GGUFS["4b-qat"]
+    snapshot = write_cached_repo(caches / "hf" / "hub", repo,
+                                 {model_file: b"Q" * 3000, mmproj_file: b"V" * 1000})
+    imported = own_folder(caches / "gemma_mlx" / "gguf",
+                          "gemma-3-4b-it-q4_0-vision-abcdefabcdef", VISION_4BIT,
+                          {"kind": "gguf", "gguf": str((snapshot / model_file).resolve()),
+                           "mmproj": str((snapshot / mmproj_file).resolve())})
+    (model,) = models.installed_models()
+    assert (model.name, model.kind, model.quantization, model.vision) == ("4b-qat", "hub",
+                                                                          "Q4_0", True)
+    assert model.path == imported and model.size == 4000 + files_size(imported)
+    assert models.find(repo).name == models.find("gemma-3-4b-it-q4_0-vision").name == "4b-qat"
+    assert models.remove(model) == model.size
+    assert models.installed_models() == [] and not snapshot.exists()
+    assert not any(k.startswith(str(imported)) for k in everything(caches / "gemma_mlx"))
+
+
 def test_import_names_drop_their_hash_unless_two_would_share_one(caches):
     imports = caches / "gemma_mlx" / "gguf"
     own_folder(imports, "gemma-3-1b-it-q4_0-111111111111", TEXT_BF16, {"kind": "gguf"})

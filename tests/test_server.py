@@ -336,7 +336,7 @@ def test_ollama_refusals_in_ollamas_shape(server, ollama_client, name):
 @pytest.fixture(scope="module")
 def guarded(tiny_folder):
     with running_server("--model", str(tiny_folder), "--api-key", "sesame", "--max-body-mb",
-                        "1", "--max-queue", "0", "--allow-private-urls",
+                        "1", "--max-batch", "1", "--max-queue", "0", "--allow-private-urls",
                         key="sesame") as running:
         yield running
 

@@ -34,16 +34,22 @@ def compiled_decode(decoder: TextDecoder, cache: list) -> CompiledDecode | None:
     return fast
 
 
-def decode_program(decoder: TextDecoder) -> CompiledDecode:
+def decode_program(decoder: TextDecoder, dense: bool = False) -> CompiledDecode:
     """The decoder's CompiledDecode, made on first use and again after its weights were
     replaced. Making it fuses the q/k/v and gate/up weights in place (see there). It is kept
     in the decoder's instance dict (a plain attribute, not a parameter), so it lives and dies
-    with the decoder; text.py never reads it."""
+    with the decoder; text.py never reads it. `dense`: the same step over the quantized
+    weights dequantized to the compute dtype (`CompiledDecode.densified`)."""
     fast = decoder.__dict__.get(_PROGRAM)
     if fast is None or not fast.current():
         fast = CompiledDecode(decoder)
         decoder.__dict__[_PROGRAM] = fast
-    return fast
+        decoder.__dict__.pop(_DENSE_PROGRAM, None)
+    if not dense:
+        return fast
+    if _DENSE_PROGRAM not in decoder.__dict__:
+        decoder.__dict__[_DENSE_PROGRAM] = fast.densified()
+    return decoder.__dict__[_DENSE_PROGRAM]
 
 
 def release_program(decoder: TextDecoder) -> None:
@@ -51,9 +57,11 @@ def release_program(decoder: TextDecoder) -> None:
     releases it before it ends: MLX aborts the process at exit over a compiled function that
     outlives the thread that traced it."""
     decoder.__dict__.pop(_PROGRAM, None)
+    decoder.__dict__.pop(_DENSE_PROGRAM, None)
 
 
 _PROGRAM = "_compiled_decode"  # decode_program's slot in a decoder's instance dict
+_DENSE_PROGRAM = "_compiled_decode_dense"
 
 
 class CompiledDecode:
@@ -98,10 +106,14 @@ class CompiledDecode:
                                 b.post_feedforward_layernorm)]
             for b in decoder.layers]
         self.final_scale = scale(decoder.norm)
+        self.o_proj = [b.self_attn.o_proj for b in decoder.layers]
+        self.down_proj = [b.mlp.down_proj for b in decoder.layers]
+        self.head = decoder.logits
         mx.eval(self.scales, self.final_scale)
         self._fn = mx.compile(self._step)
         self._offset: mx.array | None = None
         self._offset_value = -1
+        self._start = mx.zeros((1,), mx.int32)  # the single stream starts at slot 0
         self._quantized: list[tuple[int, int] | None] = []  # per layer: (group, bits) or None
 
     @staticmethod
@@ -133,7 +145,8 @@ class CompiledDecode:
                 _reserve(c, c.offset + 1)
 
     def step(self, token: mx.array, cache: list) -> mx.array:
-        """Feed one token (shape [1]) at the caches' offset; return the logits [vocab]."""
+        """Feed one token (shape [1]) at the caches' offset; return the logits [vocab]. The
+        one-row case of `step_rows`: the row starts at slot 0 of a timeline at its offset."""
         offset = cache[0].offset
         for i, c in enumerate(cache):
             if not self.cfg.is_sliding(i) and offset + 1 > _kv_arrays(c)[0].shape[2]:
@@ -144,7 +157,8 @@ class CompiledDecode:
         self._quantized = [(c.group_size, c.bits) if isinstance(c, QuantizedKVCache) else None
                            for c in cache]
         buffers = [a for c in cache for a in _kv_arrays(c)]
-        logits, self._offset, *new = self._fn(token, self._offset, *buffers)
+        self._offset, logits, *new = self._fn(token, self._offset, self._start, *buffers)
+        logits = logits[0]
         del buffers  # the caches' references go next: the old buffers become donatable
         self._offset_value = offset + 1
         start = 0
@@ -157,51 +171,72 @@ class CompiledDecode:
                 c._idx = c.offset % c.max_size if c.offset >= c.max_size else c.offset
         return logits
 
+    def step_rows(self, tokens: mx.array, now: int, starts: mx.array,
+                  buffers: list[mx.array]) -> tuple[mx.array, list[mx.array]]:
+        """One token for each of B rows (continuous batching) on a shared timeline: every row
+        writes at slot `now` of the global layers and `now % window` of the rings (one
+        in-place write for all rows), and row b, whose first token went to slot starts[b], is
+        at position now - starts[b]. `tokens` [B]; buffers laid out as the caches' but B rows
+        deep ([B, kv heads, slots, head dim] per array). Returns the logits [B, vocab] and the
+        new buffers, which replace the old ones before anything is evaluated. Every row is
+        computed: a free row (start = now) is ignored by its caller."""
+        _, logits, *new = self._fn(tokens, mx.array(now, dtype=mx.int32), starts, *buffers)
+        return logits, new
+
+    def set_quantized(self, quantized: list[tuple[int, int] | None]) -> None:
+        """Per layer (group, bits) of a quantized cache, or None: read when tracing."""
+        self._quantized = quantized
+
     # ---- the traced function ----------------------------------------------------------------
 
-    def _step(self, token: mx.array, offset: mx.array, *buffers: mx.array) -> tuple:
+    def _step(self, tokens: mx.array, now: mx.array, starts: mx.array,
+              *buffers: mx.array) -> tuple:
+        """B rows on one timeline: writes at slot `now` (in place), positions now - starts."""
         d, eps, head_dim = self.decoder, self.eps, self.cfg.head_dim
-        h = d.embed(token.reshape(1, 1))
-        masks: dict[int, mx.array] = {}
+        B = tokens.shape[0]
+        h = d.embed(tokens.reshape(B, 1))
+        positions = now - starts  # [B]
+        masks: dict[tuple[int, bool], mx.array] = {}
         out: list[mx.array] = []
         for i, layer in enumerate(d.layers):
             quantized = self._quantized[i]
             n = 6 if quantized else 2  # keys and values, or their (packed, scales, biases)
             parts, buffers = buffers[:n], buffers[n:]
             size = parts[0].shape[2]
-            if size not in masks:  # the slots written so far, this token's included
-                masks[size] = (mx.arange(size) <= offset).reshape(1, 1, 1, size)
-            slot = offset % size if self.cfg.is_sliding(i) else offset
+            sliding = self.cfg.is_sliding(i)
+            if (size, sliding) not in masks:
+                masks[size, sliding] = _row_mask(now, starts, size, sliding)
+            mask = masks[size, sliding]
+            slot = (now % size if sliding else now).reshape(1)
             s_in, s_q, s_k, s_attn, s_pre, s_post = self.scales[i]
             attn = layer.self_attn
             q, k, v = self._project(i, mx.fast.rms_norm(h, s_in, eps))
-            # One position: [1, 1, heads * head_dim] is already [1, heads, 1, head_dim].
-            q = q.reshape(1, attn.n_heads, 1, head_dim)
-            k = k.reshape(1, attn.n_kv_heads, 1, head_dim)
-            v = v.reshape(1, attn.n_kv_heads, 1, head_dim)
-            q = attn.rope(mx.fast.rms_norm(q, s_q, eps), offset=offset)
-            k = attn.rope(mx.fast.rms_norm(k, s_k, eps), offset=offset)
-            start = slot.reshape(1)
+            # One position: [B, 1, heads * head_dim] is already [B, heads, 1, head_dim].
+            q = q.reshape(B, attn.n_heads, 1, head_dim)
+            k = k.reshape(B, attn.n_kv_heads, 1, head_dim)
+            v = v.reshape(B, attn.n_kv_heads, 1, head_dim)
+            q = attn.rope(mx.fast.rms_norm(q, s_q, eps), offset=positions)
+            k = attn.rope(mx.fast.rms_norm(k, s_k, eps), offset=positions)
             if quantized is None:
-                keys, values = (mx.slice_update(buffer, x.astype(buffer.dtype), start, axes=(2,))
+                keys, values = (mx.slice_update(buffer, x.astype(buffer.dtype), slot, axes=(2,))
                                 for buffer, x in zip(parts, (k, v), strict=True))
                 o = mx.fast.scaled_dot_product_attention(q, keys, values, scale=attn.scale,
-                                                         mask=masks[size])
+                                                         mask=mask)
                 out += [keys, values]
             else:
                 group, bits = quantized
-                new = [mx.slice_update(buffer, x, start, axes=(2,)) for buffer, x in zip(
+                new = [mx.slice_update(buffer, x, slot, axes=(2,)) for buffer, x in zip(
                     parts, (*mx.quantize(k.astype(parts[1].dtype), group, bits),
                             *mx.quantize(v.astype(parts[4].dtype), group, bits)), strict=True)]
                 o = quantized_scaled_dot_product_attention(
-                    q, new[:3], new[3:], scale=attn.scale, mask=masks[size], group_size=group,
+                    q, new[:3], new[3:], scale=attn.scale, mask=mask, group_size=group,
                     bits=bits)
                 out += new
-            h = h + mx.fast.rms_norm(attn.o_proj(o.reshape(1, 1, -1)), s_attn, eps)
+            h = h + mx.fast.rms_norm(self.o_proj[i](o.reshape(B, 1, -1)), s_attn, eps)
             x = mx.fast.rms_norm(h, s_pre, eps)
             h = h + mx.fast.rms_norm(self._mlp(i, x), s_post, eps)
-        logits = d.logits(mx.fast.rms_norm(h, self.final_scale, eps))
-        return (logits[0, 0], offset + 1, *out)
+        logits = self.head(mx.fast.rms_norm(h, self.final_scale, eps))
+        return (now + 1, logits[:, 0], *out)
 
     def _project(self, i: int, x: mx.array) -> list[mx.array]:
         """q, k and v of one block."""
@@ -209,7 +244,60 @@ class CompiledDecode:
 
     def _mlp(self, i: int, x: mx.array) -> mx.array:
         gate, up = _apply_fused(self.gate_up[i], x)
-        return self.decoder.layers[i].mlp.down_proj(nn.gelu_approx(gate) * up)
+        return self.down_proj[i](nn.gelu_approx(gate) * up)
+
+    def densified(self) -> CompiledDecode:
+        """This step over dense copies of the quantized weights, in the compute dtype: more
+        memory (a 4B: about 8 GB beside its 2.5), for a step whose cost grows less with the
+        rows. Measured on an H200 through MLX's CUDA backend, a 4-bit matmul of 8 or 16 rows
+        cost 2.4-5x one row and a bfloat16 one 1.5x (benchmarks/batch_levers.py), so batches
+        of several rows run faster dense there; one row runs the quantized step."""
+        import copy
+
+        dense = copy.copy(self)
+        dense.qkv = [[(_dense(m), rows) for m, rows in group] for group in self.qkv]
+        dense.gate_up = [[(_dense(m), rows) for m, rows in group] for group in self.gate_up]
+        dense.o_proj = [_dense(m) for m in self.o_proj]
+        dense.down_proj = [_dense(m) for m in self.down_proj]
+        embed = self.decoder.embed_tokens
+        if isinstance(embed, nn.QuantizedEmbedding):
+            table = _dequantized(embed)
+            dense.head = lambda h: h @ table.T
+        mx.eval([[m.parameters() for m, _ in g] for g in dense.qkv + dense.gate_up],
+                [m.parameters() for m in dense.o_proj + dense.down_proj])
+        dense._fn = mx.compile(dense._step)
+        return dense
+
+
+def _row_mask(now: mx.array, starts: mx.array, size: int, sliding: bool) -> mx.array:
+    """[B, 1, 1, size]: the slots each row may attend to, this step's included. Global
+    layers: slots starts[b]..now. A ring of `size` slots holds timeline step
+    now - ((now - s) mod size) in slot s: the last `size` steps (the window); row b sees those
+    from its start on."""
+    slots = mx.arange(size)[None]
+    if sliding:
+        written = now - ((now - slots) % size)
+        allowed = written >= starts[:, None]
+    else:
+        allowed = (slots >= starts[:, None]) & (slots <= now)
+    return allowed.reshape(starts.shape[0], 1, 1, size)
+
+
+def _dequantized(m: nn.Module) -> mx.array:
+    return mx.dequantize(m.weight, m.scales, m.get("biases"), group_size=m.group_size,
+                         bits=m.bits, mode=m.mode).astype(m.scales.dtype)
+
+
+def _dense(m: nn.Module) -> nn.Module:
+    """A quantized linear layer as a plain one (others as they are)."""
+    if not isinstance(m, nn.QuantizedLinear):
+        return m
+    weight = _dequantized(m)
+    dense = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in m)
+    dense.weight = weight
+    if "bias" in m:
+        dense.bias = m.bias
+    return dense
 
 
 def _apply_fused(groups: list[tuple[nn.Module, list[int]]], x: mx.array) -> list[mx.array]:

@@ -38,13 +38,16 @@ log = logging.getLogger("gemma_mlx.server")
 def create_app(model, options: ServerOptions | None = None, draft_model=None) -> FastAPI:
     """The server as an ASGI app, for `serve` and for mounting in another server. The app
     owns a worker thread that runs the model from startup to shutdown (its lifespan)."""
+    from gemma_mlx.batch import default_max_batch
     from gemma_mlx.chat import context_limit
 
     options = options or ServerOptions()
     metrics = Metrics()
-    pool = SessionPool(model, options.cache_sessions, options.cache_bytes, options.kv_bits,
-                       draft_model, options.num_draft_tokens)
-    worker = Worker(pool, options.max_queue, metrics, context_limit(model, options.max_context))
+    limit = context_limit(model, options.max_context)
+    max_batch = options.max_batch or default_max_batch(model, limit)
+    pool = SessionPool(model, max(options.cache_sessions, max_batch), options.cache_bytes,
+                       options.kv_bits, draft_model, options.num_draft_tokens)
+    worker = Worker(pool, options.max_queue, metrics, limit, max_batch, options.dense_batch)
     state = ServerState(model, options, worker, metrics, draft_model)
 
     @asynccontextmanager

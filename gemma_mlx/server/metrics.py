@@ -28,6 +28,11 @@ class Metrics:
         self.rejected = Counter(PREFIX + "rejected", "Requests refused: queue full", registry=r)
         self.queue_depth = Gauge(PREFIX + "queue_depth", "Requests waiting for the model",
                                  registry=r)
+        self.running = Gauge(PREFIX + "running", "Requests being generated (the batch)",
+                             registry=r)
+        self.longest_gap = Gauge(PREFIX + "longest_step_gap_seconds",
+                                 "Longest time between two steps of running streams",
+                                 registry=r)
         self.prefill_tps = Gauge(PREFIX + "prefill_tokens_per_second",
                                  "Prefill speed of the last generation", registry=r)
         self.decode_tps = Gauge(PREFIX + "decode_tokens_per_second",

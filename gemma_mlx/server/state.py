@@ -33,6 +33,8 @@ class ServerOptions:
     kv_bits: int | None = None
     pan_and_scan: bool = False
     num_draft_tokens: int = 3
+    max_batch: int | None = None  # streams decoded together (None: sized to the memory)
+    dense_batch: bool = False  # batches step over dense copies of the weights (more memory)
     cache_sessions: int = 4  # KV caches kept between requests (the prefix cache) ...
     cache_bytes: int = 8 << 30  # ... and their memory, at most
     max_body_bytes: int = 100 << 20  # a few large base64 images
