@@ -16,7 +16,11 @@ strategy; nothing else in it is touched. Nothing here imports MLX: listing is qu
         print(model.name, model.size, model.last_used)
     model = find("4b")            # ModelNotFound if `list` does not show it
     freed = remove(model)         # bytes
+    model = pull("4b-qat")        # fetch() (downloads, resumable) + finish_pull() (import, checks)
     path = locate("my-convert")   # what `load` reads: our names first, then hub.resolve
+
+A server that must load only what `list` shows takes `find(name).path` (never a path or a name
+from a request) and loads that folder: nothing is downloaded or imported then.
 """
 
 from __future__ import annotations

@@ -366,6 +366,7 @@ def test_convert_into_the_models_folder(caches, tokenizer_folder, capsys):
     (["rm", "-y", "nothing"], "no model named 'nothing'"),
     (["run", "270m", "--image", "cat.png"], "--image goes with a prompt"),
     (["run", "270m", "hello", "--load", "chat.json"], "--load opens a saved chat"),
+    (["run", "270m", "--json"], "--json goes with a prompt"),
     (["ps", "--port", "0"], "--port is out of range"),
 ])
 def test_bad_input_is_one_line(caches, capsys, argv, fragment):
