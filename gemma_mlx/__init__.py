@@ -10,6 +10,8 @@
     chat.send("Weather in Oslo?", tools=[get_weather])  # calls your function, answers with it
     print(gemma_mlx.generate(model, "A person:", json_schema={"type": "object"}))
     gemma_mlx.serve(model, port=8080)  # OpenAI's and Ollama's APIs over HTTP, until Ctrl-C
+    for m in gemma_mlx.installed_models():  # what `gemma-mlx list` shows (gemma_mlx.models)
+        print(m.name, m.size, m.last_used)
 
 The names below are imported on first use, so `python -m gemma_mlx` starts (and can be
 interrupted, or print its help) before MLX is loaded.
@@ -20,7 +22,15 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .errors import BadCheckpoint, BadImage, BadRequest, ContextOverflow, GemmaError, ModelNotFound
+from .errors import (
+    BadCheckpoint,
+    BadImage,
+    BadRequest,
+    ContextOverflow,
+    GemmaError,
+    ModelNotFound,
+    ServerNotFound,
+)
 
 __version__ = "0.1.0"
 
@@ -29,13 +39,14 @@ _LAZY = {
     "stream": "chat", "Chunk": "engine", "SamplingSettings": "engine", "Stats": "engine",
     "Model": "loading", "load": "loading", "load_draft": "speculative", "Session": "session",
     "serve": "server", "batch_generate": "batch", "Tool": "tools", "ToolCall": "tools",
+    "InstalledModel": "models", "installed_models": "models",
 }
 
 __all__ = [
     "Attachment", "BadCheckpoint", "BadImage", "BadRequest", "Chat", "Chunk", "ContextOverflow",
-    "GemmaError", "Message", "Model",
-    "ModelNotFound", "SamplingSettings", "Session", "Stats", "Tool", "ToolCall", "__version__",
-    "batch_generate", "generate", "load", "load_draft", "serve", "stream",
+    "GemmaError", "InstalledModel", "Message", "Model", "ModelNotFound", "SamplingSettings",
+    "ServerNotFound", "Session", "Stats", "Tool", "ToolCall", "__version__", "batch_generate",
+    "generate", "installed_models", "load", "load_draft", "serve", "stream",
 ]
 
 if TYPE_CHECKING:
@@ -43,6 +54,7 @@ if TYPE_CHECKING:
     from .chat import Attachment, Chat, Message, generate, stream
     from .engine import Chunk, SamplingSettings, Stats
     from .loading import Model, load
+    from .models import InstalledModel, installed_models
     from .server import serve
     from .session import Session
     from .speculative import load_draft

@@ -1,4 +1,5 @@
-"""`python -m gemma_mlx`: one-shot questions, and the chat, convert, bench and serve subcommands.
+"""`gemma-mlx` (`python -m gemma_mlx`): one-shot questions, and the chat, run, convert, bench and
+serve subcommands; pull, list (ls), rm and ps are in model_commands.py.
 
 Only generated text goes to stdout; notes, statistics and errors go to stderr. Every user error
 is one line and a non-zero exit code, never a traceback.
@@ -15,7 +16,9 @@ from .errors import BadRequest, GemmaError
 from .hub import DEFAULT_MODEL, MODEL_NAMES
 from .interrupt import Interrupt
 
-SUBCOMMANDS = ("chat", "convert", "bench", "serve")
+SUBCOMMANDS = ("chat", "convert", "bench", "serve", "run", "pull", "list", "ls", "rm", "ps")
+MODEL_COMMANDS = {"pull": "pull_command", "list": "list_command", "ls": "list_command",
+                  "rm": "rm_command", "ps": "ps_command"}
 MMPROJ_HELP = ("llama.cpp's vision projector GGUF (e.g. mmproj-model-f16.gguf) for a .gguf "
                "model: adds its vision tower, for --image")
 EXIT_ERROR = 1
@@ -34,6 +37,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return bench_command(argv[1:])
         if command == "serve":
             return serve_command(argv[1:])
+        if command == "run":
+            return run_command(argv[1:])
+        if command in MODEL_COMMANDS:
+            from . import model_commands
+
+            return getattr(model_commands, MODEL_COMMANDS[command])(argv[1:])
         with Interrupt().installed() as interrupt:  # first: Ctrl-C during imports counts too
             return oneshot_command(argv, interrupt)
     except GemmaError as e:
@@ -110,21 +119,12 @@ def sampling_from(args: argparse.Namespace) -> dict:
                 min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
 
 
-def oneshot_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m gemma_mlx",
-        description="Ask Gemma 3 one question. Subcommands: chat (the terminal app), "
-                    "convert (to an MLX folder), bench (speed and memory), serve (an OpenAI- "
-                    "and Ollama-compatible server).")
-    parser.add_argument("prompt", help="the prompt; '-' reads it from stdin")
-    add_model_option(parser)
-    add_sampling_options(parser)
+def add_oneshot_options(parser: argparse.ArgumentParser) -> None:
+    """The one-shot answer's own options (images, raw completion, statistics)."""
     parser.add_argument("--image", "-i", action="append", default=[], metavar="PATH_OR_URL",
                         help="attach an image (repeatable); needs a vision model (4b, 12b, 27b)")
     parser.add_argument("--pan-and-scan", action="store_true",
                         help="also show the model crops of large or non-square images")
-    add_memory_options(parser)
-    add_draft_options(parser)
     parser.add_argument("--raw", action="store_true",
                         help="complete the prompt as plain text, without the chat template "
                              "(automatic for base models, which have none)")
@@ -137,11 +137,30 @@ def oneshot_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", "-v", action="store_true",
                         help="print speed, time to first token and peak memory (and the draft's "
                              "acceptance rate) on stderr")
+
+
+def oneshot_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m gemma_mlx",
+        description="Ask Gemma 3 one question. Subcommands: chat (the terminal app), run MODEL "
+                    "[PROMPT] (an answer, or the chat app), pull, list (ls), rm (the models on "
+                    "this machine), ps (what a server has loaded), convert (to an MLX folder), "
+                    "bench (speed and memory), serve (an OpenAI- and Ollama-compatible server).")
+    parser.add_argument("prompt", help="the prompt; '-' reads it from stdin")
+    add_model_option(parser)
+    add_sampling_options(parser)
+    add_memory_options(parser)
+    add_draft_options(parser)
+    add_oneshot_options(parser)
     return parser
 
 
 def oneshot_command(argv: list[str], interrupt: Interrupt) -> int:
-    args = oneshot_parser().parse_args(argv)
+    return answer(oneshot_parser().parse_args(argv), interrupt)
+
+
+def answer(args: argparse.Namespace, interrupt: Interrupt) -> int:
+    """The one-shot answer to args.prompt, streamed to stdout."""
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     sampling = sampling_from(args)
     if not prompt.strip():
@@ -216,9 +235,14 @@ def convert_command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m gemma_mlx convert",
         description="Write an MLX model folder (the mlx-community layout) from a Hugging Face "
-                    "checkpoint folder, a Hub repo or a GGUF file.")
+                    "checkpoint folder, a Hub repo or a GGUF file: into gemma-mlx's models "
+                    "folder (`gemma-mlx list` shows it, `run NAME` loads it), or --out.")
     parser.add_argument("source", help="checkpoint folder, Hub repo id, alias or .gguf file")
-    parser.add_argument("--out", "-o", required=True, help="the folder to write")
+    parser.add_argument("--name", "-n", default=None,
+                        help="its name in gemma-mlx's models folder (default: the source's "
+                             "name)")
+    parser.add_argument("--out", "-o", default=None,
+                        help="write this folder instead, outside gemma-mlx's models folder")
     parser.add_argument("--bits", type=int, choices=(4, 8), default=None,
                         help="quantization bits for unquantized checkpoints (default: 4)")
     parser.add_argument("--group-size", type=int, choices=(32, 64), default=None,
@@ -235,18 +259,29 @@ def convert_command(argv: list[str]) -> int:
     parser.add_argument("--mmproj", metavar="MMPROJ.gguf", default=None,
                         help=MMPROJ_HELP.replace("for --image", "in mlx-vlm's layout"))
     args = parser.parse_args(argv)
+    options = dict(bits=args.bits, group_size=args.group_size, dtype=args.dtype,
+                   quantize=not args.no_quantize, mmproj=args.mmproj, qat=args.qat)
+    if args.out is None:
+        from .models import check_name, convert_into, default_name
+
+        check_name(args.name or default_name(args.source))  # before the (slow) conversion
+        model = convert_into(args.source, args.name, **options)
+        print(f"wrote {model.path}: `gemma-mlx run {model.name}` loads it", file=sys.stderr)
+        return 0
+    if args.name is not None:
+        raise BadRequest("--name writes into gemma-mlx's models folder and --out elsewhere: "
+                         "give one of them")
     from .convert import convert
 
-    out = convert(args.source, args.out, bits=args.bits, group_size=args.group_size,
-                  dtype=args.dtype, quantize=not args.no_quantize, mmproj=args.mmproj,
-                  qat=args.qat)
+    out = convert(args.source, args.out, **options)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 
 
-def chat_command(argv: list[str]) -> int:
-    from pathlib import Path
+CHAT_SAMPLING_DEFAULTS = dict(max_tokens=None, temp=None, top_p=None, top_k=None, min_p=None)
 
+
+def chat_command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m gemma_mlx chat",
         description="Chat with Gemma 3 in a full-screen terminal app (/help inside lists the "
@@ -255,10 +290,20 @@ def chat_command(argv: list[str]) -> int:
     add_sampling_options(parser)
     add_memory_options(parser)
     add_draft_options(parser)
-    parser.add_argument("--load", metavar="CHAT.json", help="open a chat saved with /save")
+    add_chat_options(parser)
     # Options not given keep the saved chat's settings (with --load) or Gemma's defaults.
-    parser.set_defaults(max_tokens=None, temp=None, top_p=None, top_k=None, min_p=None)
-    args = parser.parse_args(argv)
+    parser.set_defaults(**CHAT_SAMPLING_DEFAULTS)
+    return chat(parser.parse_args(argv))
+
+
+def add_chat_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--load", metavar="CHAT.json", help="open a chat saved with /save")
+
+
+def chat(args: argparse.Namespace) -> int:
+    """The chat app on args.model."""
+    from pathlib import Path
+
     sampling = {k: v for k, v in sampling_from(args).items() if v is not None}
     from .engine import SamplingSettings
 
@@ -351,6 +396,45 @@ def serve_command(argv: list[str]) -> int:
           cache_sessions=args.cache_sessions, cache_bytes=int(args.cache_memory * 2**30),
           max_body_bytes=args.max_body_mb << 20, verbose=args.verbose, **drafting)
     return 0
+
+
+def run_command(argv: list[str]) -> int:
+    """`run MODEL [PROMPT]`: the one-shot answer with a prompt, the chat app without one (as
+    `ollama run` and `docker model run`); a model not on this machine is downloaded first."""
+    parser = argparse.ArgumentParser(
+        prog="gemma-mlx run",
+        description="Answer PROMPT with MODEL, or, without a prompt, chat with it in the "
+                    "terminal app. MODEL is a name `gemma-mlx list` shows, an alias, a Hub repo "
+                    "id (downloaded the first time), a folder or a .gguf file.")
+    parser.add_argument("model", help=f"e.g. {', '.join(MODEL_NAMES)}")
+    parser.add_argument("prompt", nargs="?", default=None,
+                        help="the prompt ('-' reads it from stdin); without one, the chat app")
+    parser.add_argument("--mmproj", metavar="MMPROJ.gguf", default=None, help=MMPROJ_HELP)
+    add_sampling_options(parser)
+    add_memory_options(parser)
+    add_draft_options(parser)
+    add_oneshot_options(parser)
+    add_chat_options(parser)
+    parser.set_defaults(**CHAT_SAMPLING_DEFAULTS)
+    args = parser.parse_args(argv)
+    if args.prompt is None:
+        given = [flag for flag, value in (("--image", args.image), ("--raw", args.raw),
+                                          ("--verbose", args.verbose),
+                                          ("--pan-and-scan", args.pan_and_scan),
+                                          ("--json-schema", args.json_schema),
+                                          ("--json", args.json)) if value]
+        if given:
+            raise BadRequest(f"{given[0]} goes with a prompt: `gemma-mlx run {args.model} "
+                             f"PROMPT {given[0]} ...` (in the chat app, /image attaches one)")
+        return chat(args)
+    if args.load:
+        raise BadRequest("--load opens a saved chat in the chat app: leave out the prompt")
+    defaults = oneshot_parser()
+    for key in CHAT_SAMPLING_DEFAULTS:
+        if getattr(args, key) is None:
+            setattr(args, key, defaults.get_default(key))
+    with Interrupt().installed() as interrupt:
+        return answer(args, interrupt)
 
 
 def bench_command(argv: list[str]) -> int:

@@ -24,3 +24,7 @@ class ContextOverflow(GemmaError):
 
 class BadRequest(GemmaError):
     """An option or argument out of range (empty prompt, max_tokens <= 0, ...)."""
+
+
+class ServerNotFound(GemmaError):
+    """No gemma-mlx (or Ollama-compatible) server answers where a command looked for one."""

@@ -733,10 +733,15 @@ def write_tokenizer(metadata: dict[str, Any], out_dir: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # Writing the folder
 
-def write_weights(out_dir: Path, plan: dict[str, GGUFTensor],
-                  dtype: mx.Dtype) -> dict[str, Setting]:
-    """model.safetensors (or 5 GB shards) and mlx-lm's index; returns the quantized modules."""
+def write_weights(out_dir: Path, plan: dict[str, GGUFTensor], dtype: mx.Dtype,
+                  progress: Callable | None = None) -> dict[str, Setting]:
+    """model.safetensors (or 5 GB shards) and mlx-lm's index; returns the quantized modules.
+    `progress`, a tqdm class, draws a bar over the GGUF bytes converted."""
     modules: dict[str, Setting] = {}
+    bar = None
+    if progress is not None:
+        bar = progress(total=sum(t.raw.nbytes for t in plan.values()), unit="B",
+                       unit_scale=True, desc="Importing")
 
     def entries() -> Iterator[dict[str, mx.array]]:
         for path, tensor in plan.items():
@@ -745,13 +750,19 @@ def write_weights(out_dir: Path, plan: dict[str, GGUFTensor],
             if setting is not None:
                 modules[path.removesuffix(".weight")] = setting
             yield weights
+            if bar is not None:
+                bar.update(tensor.raw.nbytes)
 
-    write_safetensors(out_dir, entries())
+    try:
+        write_safetensors(out_dir, entries())
+    finally:
+        if bar is not None:
+            bar.close()
     return modules
 
 
 def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = DEFAULT_DTYPE,
-                mmproj: str | Path | None = None) -> Path:
+                mmproj: str | Path | None = None, progress: Callable | None = None) -> Path:
     """Write a model folder for a Gemma 3 GGUF that `mlx_lm.load` (and gemma_mlx) can load:
     config.json (with mlx-lm's per-module "quantization"), model.safetensors (5 GB shards for
     big models) with its index, tokenizer.json, tokenizer_config.json, special_tokens_map.json
@@ -759,7 +770,7 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = DEFAULT
 
     With `mmproj`, llama.cpp's vision projector GGUF for this model, the folder holds the whole
     multimodal model in mlx-vlm's layout (and a preprocessor_config.json); its vision floats keep
-    their stored dtype (see `vision_weights`).
+    their stored dtype (see `vision_weights`). `progress` (a tqdm class) draws a bar.
 
     `dtype` is that of the scales, biases, norms and float matrices, and so the dtype mlx-lm
     computes in. Raises BadCheckpoint, before writing anything, for a truncated or corrupt file
@@ -785,7 +796,7 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = DEFAULT
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    modules = write_weights(out, plan, DTYPES[dtype])
+    modules = write_weights(out, plan, DTYPES[dtype], progress)
     write_tokenizer(gguf.metadata, out)
     generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
                   "pad_token_id": config["pad_token_id"]}

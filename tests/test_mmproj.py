@@ -361,6 +361,25 @@ def test_one_shot_cli_with_image(mmprojs, text_gguf, tmp, monkeypatch, capsys):
     assert json.loads((folder / "config.json").read_text())["model_type"] == "gemma3"
 
 
+def test_pull_imports_the_pair_and_list_shows_it_sees_images(mmprojs, text_gguf, tmp,
+                                                             monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("GEMMA_MLX_CACHE", str(tmp / "cache-pull"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp / "hub-pull"))
+    mmproj = mmprojs["f16-legacy-names"][0]
+    assert cli.main(["pull", str(text_gguf), "--mmproj", str(mmproj)]) == 0
+    assert "pulled gemma-3-tiny-it-q8_0-vision (" in capsys.readouterr().err
+    assert cli.main(["pull", str(text_gguf)]) == 0
+    capsys.readouterr()
+    assert cli.main(["list", "--json"]) == 0
+    listed = {m["name"]: m for m in json.loads(capsys.readouterr().out)}
+    assert set(listed) == {"gemma-3-tiny-it-q8_0-vision", "gemma-3-tiny-it-q8_0"}
+    pair = listed["gemma-3-tiny-it-q8_0-vision"]
+    assert pair["vision"] and pair["source"].endswith(f" + {mmproj.name}")
+    assert pair["quantization"] == "Q8_0" and not listed["gemma-3-tiny-it-q8_0"]["vision"]
+
+
 def test_chat_app_gets_a_loader_with_the_mmproj(mmprojs, text_gguf, monkeypatch, capsys):
     import tui.app
 

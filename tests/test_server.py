@@ -356,6 +356,37 @@ def test_the_api_key_guards_every_endpoint_but_health(guarded, tiny_folder):
     assert tags.models[0].model == str(tiny_folder)
 
 
+def gemma_ps(server, *args: str):
+    import subprocess
+    import sys
+
+    port = server.url.rsplit(":", 1)[1]
+    return subprocess.run([sys.executable, "-m", "gemma_mlx", "ps", "--port", port, *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_ps_command_shows_what_the_server_has_loaded(server, tiny_folder, tiny_model):
+    from gemma_mlx.models import format_size
+
+    result = gemma_ps(server)
+    assert result.returncode == 0, result.stderr
+    header, row = result.stdout.splitlines()
+    assert header.split() == ["NAME", "MEMORY", "CONTEXT", "UNTIL"]
+    size = sum(f.stat().st_size for f in tiny_folder.glob("*.safetensors"))
+    assert row.split() == [str(tiny_folder), *format_size(size).split(),
+                           str(tiny_model.context_limit), "forever"]
+
+
+def test_ps_command_with_the_api_key(guarded, tiny_folder):
+    refused = gemma_ps(guarded, "--api-key", "nope")
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert refused.stderr.strip() == (f"error: the server on {guarded.url} wants an API key: "
+                                      "pass --api-key (or set GEMMA_MLX_API_KEY)")
+    result = gemma_ps(guarded, "--api-key", "sesame", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["models"][0]["name"] == str(tiny_folder)
+
+
 def test_image_urls_are_fetched_and_equal_the_same_image_sent_inline(guarded, tiny_folder):
     from test_server_parts import Site
 
