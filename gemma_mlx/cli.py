@@ -298,6 +298,12 @@ def chat_command(argv: list[str]) -> int:
 
 def add_chat_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--load", metavar="CHAT.json", help="open a chat saved with /save")
+    parser.add_argument("--tools", metavar="TOOLS.json",
+                        help="a JSON list of OpenAI-style function definitions the model may "
+                             "call: calls show as call blocks, and your next message is their "
+                             "result")
+    parser.add_argument("--tool-choice", choices=("auto", "required"), default=None,
+                        help="with --tools: auto (default) or required (every reply calls)")
 
 
 def chat(args: argparse.Namespace) -> int:
@@ -314,9 +320,9 @@ def chat(args: argparse.Namespace) -> int:
         drafting["draft_model"] = args.draft_model  # loaded (and checked) by the app
     if args.load and not Path(args.load).expanduser().is_file():
         raise BadRequest(f"no saved chat at {args.load}: check the path")
+    options = chat_tools(args)
     from tui.app import run
 
-    options = {}
     if args.mmproj:  # checked now, not after the app has started
         from functools import partial
 
@@ -328,6 +334,29 @@ def chat(args: argparse.Namespace) -> int:
     return run(args.model, system=args.system, load_path=args.load,
                max_context=args.max_context, kv_bits=args.kv_bits, sampling=sampling,
                **drafting, **options)
+
+
+def chat_tools(args: argparse.Namespace) -> dict:
+    """--tools and --tool-choice, read and checked before anything loads."""
+    import json
+    from pathlib import Path
+
+    if args.tools is None:
+        if args.tool_choice is not None:
+            raise BadRequest("--tool-choice needs --tools")
+        return {}
+    from .constrain import ReplyFormat
+
+    try:
+        tools = json.loads(Path(args.tools).expanduser().read_text())
+    except OSError as e:
+        raise BadRequest(f"cannot read --tools {args.tools} ({e.strerror}): check the path") from e
+    except json.JSONDecodeError as e:
+        raise BadRequest(f"--tools {args.tools} is not JSON ({e.msg}, line {e.lineno})") from e
+    if not isinstance(tools, list):
+        raise BadRequest(f"--tools {args.tools} must hold a JSON list of function definitions")
+    ReplyFormat.of(tools, args.tool_choice)  # a BadRequest names what is wrong
+    return {"tools": tools, "tool_choice": args.tool_choice}
 
 
 def serve_command(argv: list[str]) -> int:
@@ -429,6 +458,8 @@ def run_command(argv: list[str]) -> int:
         return chat(args)
     if args.load:
         raise BadRequest("--load opens a saved chat in the chat app: leave out the prompt")
+    if args.tools:
+        raise BadRequest("--tools goes with the chat app: leave out the prompt")
     defaults = oneshot_parser()
     for key in CHAT_SAMPLING_DEFAULTS:
         if getattr(args, key) is None:

@@ -598,3 +598,52 @@ def test_a_quantized_kv_cache_is_used_and_shown(tiny_vision):
             assert "KV 8-bit" in status(app) and "/128 tok" in status(app)
 
     run(scenario)
+
+
+# ---- tools ------------------------------------------------------------------------------------
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 12}}, "required": ["city"],
+        "additionalProperties": False}}}
+
+
+def test_a_reply_that_calls_shows_a_call_block_and_the_next_message_answers_it(tiny_vision):
+    from tui.widgets import CallBlock
+
+    async def scenario():
+        app = RecordingApp(tiny_vision, sampling=dict(temp=0, max_tokens=60), tools=[WEATHER],
+                           tool_choice="required")
+        async with app.run_test(size=(100, 40)) as pilot:
+            await wait_until(pilot, lambda: app.chat is not None)
+            await exchange(pilot, "Weather in Oslo?")
+            call = app.chat.messages[-1].tool_calls[0]
+            blocks = app.query(CallBlock)
+            assert [b.call for b in blocks] == [call] and call.name == "get_weather"
+            assert str(blocks[0].render()).startswith("⚙ get_weather(city=")
+            reply_view = app.query(MessageView)[-1]
+            assert '{"name"' not in reply_view.text and not reply_view.query(".body")
+            await exchange(pilot, "-3 degrees")
+            roles = [m.role for m in app.chat.messages]
+            assert roles[:3] == ["user", "assistant", "tool"] and roles[-1] == "assistant"
+            assert app.chat.messages[2].text == "-3 degrees"
+            assert [v.role for v in app.query(MessageView)][:3] == ["user", "assistant", "tool"]
+            await app.show_conversation()  # drawn afresh from the Chat: the same blocks
+            assert [b.call for b in app.query(CallBlock)][0] == call
+
+    run(scenario)
+
+
+def test_bad_tools_options_are_one_line_errors(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "tools.json"
+    bad.write_text('[{"type": "function", "function": {"name": "no spaces allowed"}}]')
+    for args, fragment in ((["--tools", str(bad)], "name"),
+                           (["--tools", str(tmp_path / "none.json")], "cannot read"),
+                           (["--tool-choice", "required"], "needs --tools")):
+        result = subprocess.run([sys.executable, "-m", "gemma_mlx", "chat", "-m", "270m", *args],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1 and fragment in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1

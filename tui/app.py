@@ -195,7 +195,10 @@ class ChatApp(App[int]):
                  kv_bits: int | None = None, sampling: dict[str, Any] | None = None,
                  draft_model: str | Model | None = None, num_draft_tokens: int | None = None,
                  graphics: str = "auto", show_timings: bool = True,
-                 loader: Callable[..., Model] = gemma_mlx.load, terminal: Terminal | None = None):
+                 loader: Callable[..., Model] = gemma_mlx.load, terminal: Terminal | None = None,
+                 tools: list[dict] | None = None, tool_choice: str | None = None):
+        """`tools` (OpenAI-style definitions): replies may call them, shown as call blocks;
+        the next message answers the calls (its text is each call's result)."""
         super().__init__(driver_class=terminal.driver_class if terminal else None)
         self.terminal = terminal
         self.model_name = model if isinstance(model, str) else model.name
@@ -207,6 +210,8 @@ class ChatApp(App[int]):
         self.draft_model = draft_model  # a name is loaded after the model, in the same worker
         self.num_draft_tokens = num_draft_tokens
         self.sampling = dict(sampling or {})
+        self.tools = tools
+        self.tool_choice = tool_choice
         self.graphics = terminal.graphics if terminal and graphics == "auto" else graphics
         self.show_timings = show_timings
         self.loader = loader
@@ -326,8 +331,8 @@ class ChatApp(App[int]):
         chat = self.chat
         assert chat is not None and self.model is not None
         old = len(chat.messages) - LIVE_MESSAGES
-        views = [MessageView(m.role, m.text, m.images, m.stopped, self.graphics, flat=i < old)
-                 for i, m in enumerate(chat.messages)]
+        views = [MessageView(m.role, m.text, m.images, m.stopped, self.graphics, flat=i < old,
+                             tool_calls=m.tool_calls) for i, m in enumerate(chat.messages)]
         for view in views[:chat.first_turn]:
             view.add_class("-dropped")
         waiting = [MessageView("user", text, graphics=self.graphics).wait()
@@ -424,11 +429,29 @@ class ChatApp(App[int]):
         self.query_one(AttachmentBar).show(self.pending)
         sources = [a.source or a.image for a in attachments]
         chat = self.chat
-        await self.mount_message(MessageView("user", text, attachments, graphics=self.graphics))
+        calls = self.unanswered_calls()
+        role = "tool" if calls and not attachments else "user"
+        await self.mount_message(MessageView(role, text, attachments, graphics=self.graphics))
         conversation = self.query_one(Conversation)
         conversation.scroll_end(animate=False, immediate=True)  # back to the end, to follow
         conversation.follow()
-        await self.begin_reply(lambda stop: chat.stream(text, sources, should_stop=stop))
+        options: dict[str, Any] = {}
+        if self.tools:
+            options = {"tools": self.tools, "tool_choice": self.tool_choice}
+        if role == "tool":  # the message answers the last reply's calls
+            results = {call.id: text for call in calls}
+            await self.begin_reply(lambda stop: chat.stream(
+                tool_results=results, should_stop=stop, **options))
+            return
+        await self.begin_reply(lambda stop: chat.stream(text, sources, should_stop=stop,
+                                                        **options))
+
+    def unanswered_calls(self) -> list:
+        """The last reply's tool calls, when the conversation ends with them."""
+        messages = self.chat.messages if self.chat is not None else []
+        if messages and messages[-1].role == "assistant":
+            return list(messages[-1].tool_calls)
+        return []
 
     async def wait_for_model(self, text: str) -> None:
         """A message sent while the model loads: shown as waiting, sent once it is ready."""
@@ -509,7 +532,10 @@ class ChatApp(App[int]):
             await self._stream.stop()
         self._stream = None
         reply = self.chat.messages[-1]
-        await self._reply.finish(reply.text, reply.stopped)
+        await self._reply.finish(reply.text, reply.stopped, reply.tool_calls)
+        if reply.tool_calls:
+            self.notify("type the result of the call (or of each, the same text) and press Enter",
+                        title="Tool call", markup=False)
         self.query_one(Conversation).follow()
         self.busy = False
         self.last_stats = message.stats

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from rich.markdown import Markdown as RichMarkdown
 from rich.text import Text
@@ -22,7 +24,7 @@ from .commands import Completion, image_path_in
 from .terminal import image_widget
 
 THUMBNAIL_ROWS = 8
-ROLE_NAMES = {"user": "You", "assistant": "Gemma"}
+ROLE_NAMES = {"user": "You", "assistant": "Gemma", "tool": "Tool result"}
 NO_TEXT = "*(no text)*"
 
 
@@ -61,11 +63,13 @@ class MessageView(Vertical):
     so that a long conversation does not slow the drawing of a streaming reply."""
 
     def __init__(self, role: str, text: str = "", images: Sequence[Attachment] = (),
-                 stopped: bool = False, graphics: str = "auto", flat: bool = False) -> None:
+                 stopped: bool = False, graphics: str = "auto", flat: bool = False,
+                 tool_calls: Sequence[Any] = ()) -> None:
         super().__init__(classes=f"message -{role}")
         self.role = role
         self.text = text
         self.images = list(images)
+        self.tool_calls = list(tool_calls)
         self.graphics = graphics
         self.flat = flat
         self.set_class(stopped, "-stopped")
@@ -76,12 +80,14 @@ class MessageView(Vertical):
             with Horizontal(classes="thumbnails"):
                 for attachment in self.images:
                     yield ImageThumbnail(attachment, self.graphics)
-        yield self._body()
+        if self.text.strip() or not self.tool_calls:
+            yield self._body()
+        yield from (CallBlock(call) for call in self.tool_calls)
         yield Label("■ stopped", classes="stopped-mark")
         yield Label("… waiting for the model to load", classes="waiting-mark")
 
     def _body(self) -> Static | Markdown:
-        if self.role == "user":
+        if self.role in ("user", "tool"):
             return Static(self.text, classes="body", markup=False)
         if self.flat:
             return Static(RichMarkdown(self.text if self.text.strip() else NO_TEXT),
@@ -89,7 +95,7 @@ class MessageView(Vertical):
         return Markdown(self.text if self.text.strip() else NO_TEXT, classes="body")
 
     async def flatten(self) -> None:
-        if self.role == "assistant" and not self.flat:
+        if self.role == "assistant" and not self.flat and self.query(".body"):
             self.flat = True
             await self.query_one(".body").remove()
             await self.mount(self._body(), before=self.query_one(".stopped-mark"))
@@ -106,15 +112,31 @@ class MessageView(Vertical):
     def stream(self) -> MarkdownStream:
         return Markdown.get_stream(self.query_one(Markdown))
 
-    async def finish(self, text: str, stopped: bool) -> None:
-        """The reply is complete: show exactly the text the conversation holds."""
+    async def finish(self, text: str, stopped: bool, tool_calls: Sequence[Any] = ()) -> None:
+        """The reply is complete: show exactly the text the conversation holds, and its calls
+        as call blocks (never as the raw call syntax)."""
         self.text = text
+        self.tool_calls = list(tool_calls)
         body = self.query_one(Markdown)
-        if body.source != text:
+        if self.tool_calls and not text.strip():
+            await body.remove()
+        elif body.source != text:
             await body.update(text)
-        if not text.strip():
+        if not text.strip() and not self.tool_calls:
             await body.update(NO_TEXT)
+        for call in self.tool_calls:
+            await self.mount(CallBlock(call), before=self.query_one(".stopped-mark"))
         self.set_class(stopped, "-stopped")
+
+
+class CallBlock(Static):
+    """A tool call the model made: the function's name and its arguments."""
+
+    def __init__(self, call: Any) -> None:
+        arguments = ", ".join(f"{k}={json.dumps(v, ensure_ascii=False)}"
+                              for k, v in call.arguments.items())
+        super().__init__(f"⚙ {call.name}({arguments})", classes="tool-call", markup=False)
+        self.call = call
 
 
 class Conversation(VerticalScroll):
