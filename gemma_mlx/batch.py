@@ -115,7 +115,8 @@ class Stream:
     row: int | None = None  # its row in the batch, once prefilled
     finished: str | None = None
     stop_token: int | None = None  # the one that ended it (its cache read it too)
-    _pending: mx.array | None = None  # the last token sampled, not yet read
+    _pending: mx.array | None = None  # the last token sampled (its next step's input)
+    _read_ahead: bool = False  # ... already read (the first token, read at once)
     _prefill: Iterator | None = None
     _started: float = 0.0
     _decode_start: float = 0.0
@@ -328,9 +329,12 @@ class Batch:
         logits = self._forward(running) if running else None
         if self.prefilling:
             self._advance_prefill(out)
-        if running:  # the tokens sampled last step, to the host in one transfer
-            tokens = mx.concatenate([s._pending for s in running]).tolist()
-            for stream, token in zip(running, tokens, strict=True):
+        unread = [s for s in running if not s._read_ahead]
+        for s in running:
+            s._read_ahead = False
+        if unread:  # the tokens sampled last step, to the host in one transfer
+            tokens = mx.concatenate([s._pending for s in unread]).tolist()
+            for stream, token in zip(unread, tokens, strict=True):
                 self._read(stream, token, out)
         live = [s for s in running if s.finished is None]
         if logits is not None and live:
@@ -416,11 +420,16 @@ class Batch:
             return  # more chunks to go
         self.prefilling.pop(0)
         first = self._sample_one(stream, logits)
-        mx.eval(first)
         stream._pending = first
         stream.stats.prompt_seconds = time.perf_counter() - stream._started
         stream._decode_start = time.perf_counter()
-        self._join(stream)
+        self._read(stream, first.item(), out)  # the first token goes out now, not a step later
+        stream._read_ahead = True
+        if stream.finished is None:
+            self._join(stream)
+        else:  # done at its first token: its cache holds the prompt
+            stream.session.record(stream.prompt.ids, stream.tokens, None)
+            stream.session.busy = False
 
     def _join(self, stream: Stream) -> None:
         """Into a free row (growing the rows by doubling if there is none)."""
