@@ -531,22 +531,25 @@ class Batch:
 MAX_BATCH_CAP = 16
 
 
+def device_memory() -> int:
+    """The device's memory where MLX reports it, else the machine's RAM."""
+    import os
+
+    memory = mx.device_info().get("memory_size")
+    return int(memory or os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
 def default_max_batch(model: Model, context: int) -> int:
     """Rows whose KV caches, each at `context` tokens, fit in half the memory the weights
     leave (the device's where MLX reports it, else the machine's RAM), at most 16: a request
     waits for a free row rather than ever running the device out of memory."""
-    import os
-
     from .loading import parameter_bytes
 
     cfg = model.config.text
     width = 2 * cfg.num_key_value_heads * cfg.head_dim * 4  # keys + values, up to float32
     per_row = sum((cfg.sliding_window if cfg.is_sliding(i) else context) * width
                   for i in range(cfg.num_hidden_layers))
-    memory = mx.device_info().get("memory_size")
-    if not memory:
-        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    room = (memory - parameter_bytes(model.net)) // 2
+    room = (device_memory() - parameter_bytes(model.net)) // 2
     return int(max(1, min(MAX_BATCH_CAP, room // max(per_row, 1))))
 
 

@@ -364,8 +364,14 @@ def serve_command(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(
         prog="python -m gemma_mlx serve",
-        description="Serve one model over HTTP with OpenAI's API (/v1) and Ollama's (/api).")
-    add_model_option(parser)
+        description="Serve models over HTTP with OpenAI's API (/v1) and Ollama's (/api): one "
+                    "--model, loaded at start; several, or none (every model `gemma-mlx list` "
+                    "shows), loaded on their first request and unloaded after --keep-alive.")
+    parser.add_argument("--model", "-m", action="append", default=None, metavar="MODEL",
+                        help=f"{', '.join(MODEL_NAMES)}, a Hub repo id, a folder, a .gguf file "
+                             "or a name `gemma-mlx list` shows; repeat it to serve several "
+                             "(default: every model on this machine)")
+    parser.add_argument("--mmproj", metavar="MMPROJ.gguf", default=None, help=MMPROJ_HELP)
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
@@ -396,28 +402,64 @@ def serve_command(argv: list[str]) -> int:
                         help="most memory those caches keep (default: 8 GB)")
     parser.add_argument("--max-body-mb", type=int, default=100, metavar="MB",
                         help="largest request body (default: 100 MB)")
+    parser.add_argument("--keep-alive", default="5m", metavar="DURATION",
+                        help="how long a model loaded on demand stays after its last request "
+                             "(30s, 5m, 1h; 0: unload at once; -1: keep; default: 5m); "
+                             "Ollama's keep_alive on a request overrides it")
+    parser.add_argument("--max-loaded", type=int, default=3, metavar="N",
+                        help="models loaded at once; another one unloads the least recently "
+                             "used idle one (default: 3)")
+    parser.add_argument("--max-memory", type=float, default=None, metavar="GB",
+                        help="most memory the loaded models' weights take together (default: "
+                             "3/4 of the memory)")
+    parser.add_argument("--allow-pull", action="store_true",
+                        help="let requests download models by alias or repo id (also "
+                             "Ollama's /api/pull and /api/delete); off: they load only what "
+                             "`gemma-mlx list` shows")
     parser.add_argument("--verbose", "-v", action="store_true",
                         help="also log request bodies (prompts included)")
     args = parser.parse_args(argv)
+    names = args.model or []
+    if len(names) != 1:
+        for flag, given in (("--mmproj", args.mmproj), ("--draft-model", args.draft_model)):
+            if given:
+                raise BadRequest(f"{flag} goes with one --model (the server loads it at start)")
+    if names and args.allow_pull:
+        raise BadRequest("--allow-pull goes without --model (a server of every model on "
+                         "this machine)")
+    if args.max_memory is not None and args.max_memory <= 0:
+        raise BadRequest(f"--max-memory must be more than 0 GB (got {args.max_memory})")
+    from .server.registry import parse_keep_alive
+
+    keep_alive = parse_keep_alive(args.keep_alive, "--keep-alive")
     check_max_context(args.max_context)
     drafting = draft_options(args)
     for name, value in (("--port", args.port), ("--max-queue", args.max_queue),
                         ("--max-batch", args.max_batch or 1),
                         ("--cache-sessions", args.cache_sessions),
-                        ("--max-body-mb", args.max_body_mb)):
+                        ("--max-body-mb", args.max_body_mb), ("--max-loaded", args.max_loaded)):
         if value < (0 if name == "--max-queue" else 1) or (name == "--port" and value > 65535):
             raise BadRequest(f"{name} is out of range (got {value})")
     from .loading import load
+    from .models import locate
     from .server import serve
 
-    print(f"loading {args.model} ...", file=sys.stderr, flush=True)
-    model = load(args.model, mmproj=args.mmproj)
-    draft = None
-    if args.draft_model is not None:
-        from .speculative import load_draft
+    model = draft = None
+    models = []
+    if len(names) == 1:
+        print(f"loading {names[0]} ...", file=sys.stderr, flush=True)
+        model = load(names[0], mmproj=args.mmproj)
+        if args.draft_model is not None:
+            from .speculative import load_draft
 
-        draft = load_draft(args.draft_model, model)
-    serve(model, host=args.host, port=args.port, draft_model=draft, api_key=args.api_key,
+            draft = load_draft(args.draft_model, model)
+    for name in names if len(names) > 1 else ():
+        print(f"finding {name} ...", file=sys.stderr, flush=True)
+        models.append((name, locate(name)))  # downloads now, never on a request
+    max_memory = None if args.max_memory is None else int(args.max_memory * 2**30)
+    serve(model, host=args.host, port=args.port, draft_model=draft, models=models,
+          keep_alive=keep_alive, max_loaded=args.max_loaded, max_memory=max_memory,
+          allow_pull=args.allow_pull, api_key=args.api_key,
           cors=args.cors, max_queue=args.max_queue, max_batch=args.max_batch,
           dense_batch=args.dense_batch,
           allow_private_urls=args.allow_private_urls,

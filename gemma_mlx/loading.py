@@ -325,6 +325,18 @@ def _cast(weights: dict[str, mx.array], dtype: mx.Dtype,
     return {k: cast(k, v) for k, v in weights.items()}
 
 
+def folder_has_chat_template(path: Path) -> bool:
+    """Whether the tokenizer in `path` carries a chat template, read from its files (without
+    loading it): as transformers finds one."""
+    if (path / "chat_template.jinja").exists() or (path / "chat_template.json").exists():
+        return True
+    config = path / "tokenizer_config.json"
+    try:
+        return bool(json.loads(config.read_text()).get("chat_template"))
+    except (OSError, ValueError):
+        return False
+
+
 def load_tokenizer(path: Path) -> Any:
     """mlx-lm's TokenizerWrapper (with its streaming detokenizer) over the HF tokenizer."""
     from mlx_lm.tokenizer_utils import load as load_hf_tokenizer

@@ -58,12 +58,13 @@ class Server:
 
 
 @contextmanager
-def running_server(*args: str, key: str | None = None) -> Iterator[Server]:
+def running_server(*args: str, key: str | None = None,
+                   env: dict[str, str] | None = None) -> Iterator[Server]:
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "gemma_mlx", "serve", "--port", str(port), *args],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        env={**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"})
     server = Server(f"http://127.0.0.1:{port}", process,
                     headers={"Authorization": f"Bearer {key}"} if key else {})
     reader = threading.Thread(target=lambda: server.log.extend(process.stderr), daemon=True)

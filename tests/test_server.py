@@ -366,13 +366,14 @@ def gemma_ps(server, *args: str):
 
 
 def test_ps_command_shows_what_the_server_has_loaded(server, tiny_folder, tiny_model):
+    from gemma_mlx.loading import parameter_bytes
     from gemma_mlx.models import format_size
 
     result = gemma_ps(server)
     assert result.returncode == 0, result.stderr
     header, row = result.stdout.splitlines()
     assert header.split() == ["NAME", "MEMORY", "CONTEXT", "UNTIL"]
-    size = sum(f.stat().st_size for f in tiny_folder.glob("*.safetensors"))
+    size = parameter_bytes(tiny_model.net)  # the weights in memory (quantized on load)
     assert row.split() == [str(tiny_folder), *format_size(size).split(),
                            str(tiny_model.context_limit), "forever"]
 

@@ -1,21 +1,25 @@
-"""An OpenAI- and Ollama-compatible HTTP server for one loaded model.
+"""An OpenAI- and Ollama-compatible HTTP server: one loaded model, or the models on this machine
+loaded on demand.
 
     import gemma_mlx
     from gemma_mlx.server import serve
     serve(gemma_mlx.load("4b"), port=8080)          # blocks; Ctrl-C stops it cleanly
+    serve(port=8080, keep_alive=600)                 # every model `gemma-mlx list` shows
 
     app = gemma_mlx.server.create_app(model)          # an ASGI app to mount or test
 
 Layout: app.py (the ASGI app and its guards), openai_api.py and ollama_api.py (the two
 dialects), render.py (requests into prompts), jobs.py (a request as the worker runs it),
-worker.py (the one thread that owns MLX), pool.py (the prefix cache), remote_images.py (image
-URLs, fetched safely), metrics.py, state.py (options and what the routes share).
+worker.py (the one thread that owns MLX), registry.py (which models, loaded when, for how
+long), pool.py (the prefix cache), remote_images.py (image URLs, fetched safely), metrics.py,
+state.py (options and what the routes share).
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -28,16 +32,18 @@ __all__ = ["ServerOptions", "create_app", "serve"]
 log = logging.getLogger("gemma_mlx.server")
 
 
-def serve(model, host: str = "127.0.0.1", port: int = 8080, draft_model=None,
-          **options: Any) -> None:
-    """Serve `model` until Ctrl-C (or SIGTERM): in-flight generations are cancelled, waiting
-    requests refused with 503, and the worker ends before the process does."""
+def serve(model=None, host: str = "127.0.0.1", port: int = 8080, draft_model=None,
+          models: list[tuple[str, Path]] | None = None, **options: Any) -> None:
+    """Serve `model` (kept loaded), else the `models` given as (name, folder), else every model
+    `gemma-mlx list` shows (those two loaded on demand), until Ctrl-C (or SIGTERM): in-flight
+    generations are cancelled, waiting requests refused with 503, and the worker ends before
+    the process does."""
     settings = ServerOptions(host=host, port=port, **options)
     _log_to_stderr()
     if host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         log.warning("warning: listening on %s without --api-key: anyone who can reach this "
                     "address can use the model", host)
-    app = create_app(model, settings, draft_model)
+    app = create_app(model, settings, draft_model, models)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=5)
     server = _Server(config, app)
@@ -60,7 +66,10 @@ class _Server(uvicorn.Server):
         await super().startup(sockets)
         if self.started:
             where = f"http://{self.config.host}:{self.config.port}"
-            print(f"gemma-mlx serving {self.gemma.name} on {where} (OpenAI: {where}/v1, "
+            fixed = self.gemma.catalog.fixed
+            what = ", ".join(e.name for e in fixed) if fixed is not None else (
+                "the models `gemma-mlx list` shows, loaded on demand")
+            print(f"gemma-mlx serving {what} on {where} (OpenAI: {where}/v1, "
                   f"Ollama: {where}); Ctrl-C stops", file=sys.stderr, flush=True)
 
 

@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -28,27 +29,37 @@ from gemma_mlx.errors import GemmaError
 from . import ollama_api, openai_api
 from .errors import APIError, from_library
 from .metrics import Metrics
-from .pool import SessionPool
-from .state import ServerOptions, ServerState
-from .worker import Worker
+from .registry import Catalog, ModelRegistry, fixed_entry
+from .state import ServerOptions, ServerState, load_served, served_model
+from .worker import HostOptions, Worker
 
 log = logging.getLogger("gemma_mlx.server")
 
 
-def create_app(model, options: ServerOptions | None = None, draft_model=None) -> FastAPI:
-    """The server as an ASGI app, for `serve` and for mounting in another server. The app
-    owns a worker thread that runs the model from startup to shutdown (its lifespan)."""
-    from gemma_mlx.batch import default_max_batch
-    from gemma_mlx.chat import context_limit
-
+def create_app(model=None, options: ServerOptions | None = None, draft_model=None,
+               models: list[tuple[str, Path]] | None = None) -> FastAPI:
+    """The server as an ASGI app, for `serve` and for mounting in another server. It serves
+    `model` (loaded, kept loaded), else the `models` given as (name, folder), else every model
+    `gemma-mlx list` shows; those two load on demand. The app owns a worker thread that runs
+    the models from startup to shutdown (its lifespan)."""
     options = options or ServerOptions()
     metrics = Metrics()
-    limit = context_limit(model, options.max_context)
-    max_batch = options.max_batch or default_max_batch(model, limit)
-    pool = SessionPool(model, max(options.cache_sessions, max_batch), options.cache_bytes,
-                       options.kv_bits, draft_model, options.num_draft_tokens)
-    worker = Worker(pool, options.max_queue, metrics, limit, max_batch, options.dense_batch)
-    state = ServerState(model, options, worker, metrics, draft_model)
+    if model is not None:
+        catalog = Catalog([fixed_entry(model.name, model.path)])
+    elif models:
+        catalog = Catalog([fixed_entry(name, path) for name, path in models])
+    else:
+        catalog = Catalog(None, options.allow_pull)
+    host_options = HostOptions(options.max_batch, options.dense_batch, options.cache_sessions,
+                               options.cache_bytes, options.kv_bits, options.num_draft_tokens)
+    registry = ModelRegistry(catalog, lambda fn: worker.call(fn), options.keep_alive,
+                             options.max_loaded, options.max_memory or default_max_memory())
+    worker = Worker(host_options, options.max_queue, metrics, registry.expired)
+    registry.loader = lambda entry: load_served(entry, options)
+    registry.unloader = worker.unload
+    if model is not None:
+        registry.add(served_model(model, catalog.fixed[0], options, draft_model, pinned=True))
+    state = ServerState(options, worker, metrics, registry)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -73,12 +84,21 @@ def create_app(model, options: ServerOptions | None = None, draft_model=None) ->
     return app
 
 
+def default_max_memory() -> int:
+    """Three quarters of the device's memory: the weights of the models loaded at once stay
+    under it."""
+    from gemma_mlx.batch import device_memory
+
+    return device_memory() * 3 // 4
+
+
 def _add_basic_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/health")
     async def health() -> dict:
         if not state.worker.alive:
             raise APIError(503, "the model worker is not running", code="unavailable")
-        return {"status": "ok", "model": state.name, "queue": state.worker.waiting}
+        return {"status": "ok", "models": [s.name for s in state.registry.loaded()],
+                "queue": state.worker.waiting}
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
@@ -143,6 +163,7 @@ class Guard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        scope = _json_body(scope)
         path, method = scope["path"], scope["method"]
         started = time.perf_counter()
         status = {"code": 500}
@@ -211,6 +232,18 @@ class Guard:
             log.info("  body: %s", json.dumps(state["body"])[:2000])
 
 
+def _json_body(scope: Scope) -> Scope:
+    """Every body this server takes is JSON, whatever its Content-Type says: `curl -d`, as in
+    Ollama's own examples, sends JSON as a form."""
+    if scope["method"] not in ("POST", "PUT", "DELETE"):
+        return scope
+    given = dict(scope["headers"]).get(b"content-type", b"")
+    if b"json" in given:
+        return scope
+    headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+    return {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+
+
 KNOWN_PATHS = {"/v1/models", "/v1/chat/completions", "/v1/completions", "/api/chat",
-               "/api/generate", "/api/tags", "/api/show", "/api/ps", "/api/version", "/health",
-               "/metrics", "/"}
+               "/api/generate", "/api/tags", "/api/show", "/api/ps", "/api/version",
+               "/api/pull", "/api/delete", "/health", "/metrics", "/"}

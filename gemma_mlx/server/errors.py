@@ -9,8 +9,9 @@ from __future__ import annotations
 from gemma_mlx.errors import BadImage, ContextOverflow, GemmaError, ModelNotFound
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
-               403: "permission_error", 404: "not_found_error", 413: "invalid_request_error",
-               429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+               403: "permission_error", 404: "not_found_error", 409: "invalid_request_error",
+               413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
+               503: "server_error"}
 
 
 class APIError(Exception):

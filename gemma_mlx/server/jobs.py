@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from gemma_mlx.constrain import ReplyFormat
 from gemma_mlx.engine import SamplingSettings
@@ -78,9 +79,32 @@ class Failed:
 Event = Delta | Done | Failed
 
 
+class Claim:
+    """A request's hold on a loaded model (see registry.py): while any is held the model
+    stays loaded. The handler takes it; once the request's job is submitted, the job lets it
+    go when it ends, else the handler does (its `async with`)."""
+
+    def __init__(self, served: Any, release: Callable[[], None]):
+        self.served = served
+        self._release = release
+        self._released = False
+        self._lock = threading.Lock()
+        self.handed_over = False  # to a job
+
+    def release(self) -> None:
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+        self._release()
+
+
 class Job:
-    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop):
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop,
+                 claim: Claim):
         self.request = request
+        self.claim = claim
+        self.served = claim.served
         self._loop = loop
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self.cancelled = threading.Event()
@@ -90,7 +114,9 @@ class Job:
         self.cancelled.set()
 
     def emit(self, event: Event) -> None:
-        """From the worker thread."""
+        """From the worker thread. The last event lets the model go."""
+        if not isinstance(event, Delta):
+            self.claim.release()
         self._loop.call_soon_threadsafe(self._events.put_nowait, event)
 
     async def events(self) -> AsyncIterator[Event]:

@@ -40,6 +40,7 @@ class Metrics:
         self.images_encoded = Gauge(PREFIX + "images_encoded",
                                     "Pictures run through the vision tower (each once)",
                                     registry=r)
+        self.loaded = Gauge(PREFIX + "loaded_models", "Models loaded now", registry=r)
         self.cache_bytes = Gauge(PREFIX + "prefix_cache_bytes", "Memory of the cached KV",
                                  registry=r)
 

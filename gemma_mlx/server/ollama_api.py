@@ -8,31 +8,42 @@ may only lower the server's window); the other options are refused by name.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import io
 import json
+import logging
+import math
 import time
 from collections.abc import AsyncIterator
-from datetime import datetime, timedelta, timezone
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
+from tqdm.auto import tqdm
 
 from gemma_mlx import __version__
+from gemma_mlx.config import ModelConfig
 from gemma_mlx.constrain import ReplyFormat, ollama_format
 from gemma_mlx.images import Attachment
+from gemma_mlx.loading import folder_has_chat_template, read_config
+from gemma_mlx.models import format_size
 from gemma_mlx.tools import gemma_messages
 
 from .errors import APIError, unsupported
-from .jobs import Done, Failed, GenerationRequest, Job, TokenInfo
+from .jobs import Claim, Done, Failed, GenerationRequest, Job, TokenInfo
+from .registry import Servable, ServedModel, iso_time, parse_keep_alive
 from .render import chat_prompt, completion_prompt, sampling
 from .responses import first_event, until_done
 from .state import ServerState
 
 router = APIRouter()
+log = logging.getLogger("gemma_mlx.server")
 
 OPTIONS = {"temperature": "temp", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
            "seed": "seed", "repeat_penalty": "repetition_penalty"}
@@ -49,7 +60,7 @@ class OllamaRequest(BaseModel):
     stream: bool = True
     options: dict[str, Any] | None = None
     format: Any = None
-    keep_alive: float | str | None = None  # one model stays loaded: accepted, nothing to do
+    keep_alive: float | str | None = None  # how long the model stays loaded after this
     think: bool | str | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
@@ -64,7 +75,12 @@ class OllamaRequest(BaseModel):
         if fields:
             raise unsupported(fields)
 
-    def settings(self, state: ServerState, prompt) -> tuple[Any, list[str]]:
+    @property
+    def keep(self) -> float | None:
+        """keep_alive in seconds (None: the server's --keep-alive)."""
+        return parse_keep_alive(self.keep_alive)
+
+    def settings(self, served: ServedModel, prompt) -> tuple[Any, list[str]]:
         options = self.options or {}
         num_ctx = options.get("num_ctx")
         if num_ctx is not None and len(prompt.ids) >= num_ctx:
@@ -77,7 +93,7 @@ class OllamaRequest(BaseModel):
             predict = min(predict or num_ctx, num_ctx - len(prompt.ids))
         given = {ours: options.get(theirs) for theirs, ours in OPTIONS.items()}
         stop = options.get("stop") or []
-        return sampling(state, prompt, predict or None, **given), [stop] if isinstance(
+        return sampling(served, prompt, predict or None, **given), [stop] if isinstance(
             stop, str) else list(stop)
 
     @property
@@ -119,6 +135,11 @@ class ModelRequest(BaseModel):
     name: str | None = None  # older clients
 
 
+class PullRequest(ModelRequest):
+    stream: bool = True
+    insecure: bool | None = None  # names a registry's TLS: nothing to do here
+
+
 def state_of(request: Request) -> ServerState:
     return request.app.state.gemma
 
@@ -131,35 +152,41 @@ async def version() -> dict:
 @router.get("/api/tags")
 async def tags(request: Request) -> dict:
     state = state_of(request)
-    return {"models": [_entry(state, name) for name in state.names[:1]]}
+    entries = await run_in_threadpool(state.catalog.entries)
+    return {"models": [_entry(entry, state.registry.loaded_entry(entry)) for entry in entries]}
 
 
 @router.get("/api/ps")
 async def ps(request: Request) -> dict:
     state = state_of(request)
-    entry = _entry(state, state.name)
-    entry.update(expires_at=(datetime.now(timezone.utc) + timedelta(days=3650)).isoformat(),
-                 size_vram=entry["size"], context_length=state.context_limit)
-    return {"models": [entry]}
+    models = []
+    for served in state.registry.loaded():
+        entry = _entry(served.entry, served)
+        entry.update(expires_at=iso_time(state.expires_at(served)), size=served.size_bytes,
+                     size_vram=served.size_bytes, context_length=served.context_limit)
+        models.append(entry)
+    return {"models": models}
 
 
 @router.post("/api/show")
 async def show(body: ModelRequest, request: Request) -> dict:
     state = state_of(request)
-    state.check_model(body.model or body.name)
-    cfg = state.model.config
+    entry = await run_in_threadpool(state.check_model, body.model or body.name)
+    served = state.registry.loaded_entry(entry)
+    facts = await run_in_threadpool(_Facts.of, entry, served, state.options.max_context)
+    text = facts.config.text
     return {
-        "modelfile": f"FROM {state.name}\n", "parameters": "", "template": "{{ .Prompt }}",
-        "license": "Gemma Terms of Use", "details": _details(state),
+        "modelfile": f"FROM {entry.name}\n", "parameters": "", "template": "{{ .Prompt }}",
+        "license": "Gemma Terms of Use", "details": _details(entry, served),
         "model_info": {"general.architecture": "gemma3",
-                       "gemma3.context_length": state.context_limit,
-                       "gemma3.embedding_length": cfg.text.hidden_size,
-                       "gemma3.block_count": cfg.text.num_hidden_layers,
-                       "gemma3.attention.head_count": cfg.text.num_attention_heads,
-                       "gemma3.attention.head_count_kv": cfg.text.num_key_value_heads,
-                       "gemma3.attention.sliding_window": cfg.text.sliding_window},
-        "capabilities": _capabilities(state),
-        "modified_at": _iso(state.created),
+                       "gemma3.context_length": facts.context_length,
+                       "gemma3.embedding_length": text.hidden_size,
+                       "gemma3.block_count": text.num_hidden_layers,
+                       "gemma3.attention.head_count": text.num_attention_heads,
+                       "gemma3.attention.head_count_kv": text.num_key_value_heads,
+                       "gemma3.attention.sliding_window": text.sliding_window},
+        "capabilities": facts.capabilities,
+        "modified_at": _iso(entry.modified),
     }
 
 
@@ -168,15 +195,21 @@ async def chat(body: ChatRequest, request: Request):
     state = state_of(request)
     request.state.body = body.model_dump(exclude_none=True)
     body.refuse_unsupported()
-    state.check_model(body.model)
+    keep = body.keep
     reply_format = await run_in_threadpool(
         lambda: ReplyFormat.of(body.tools, schema=ollama_format(body.format)))
-    messages = await run_in_threadpool(_messages, body.messages)
-    messages = gemma_messages(messages, reply_format.prompted_tools, reply_format.choice)
-    prompt = await run_in_threadpool(chat_prompt, state, messages)
-    settings, stops = body.settings(state, prompt)
-    generation = GenerationRequest(prompt, settings, stops, body.top, _constrained(reply_format))
-    return await _respond(state, request, body, generation, chat=True)
+    if not body.messages:  # Ollama's way to load (or, with keep_alive 0, unload) a model
+        return await _load_or_unload(state, body.model, keep,
+                                     {"message": {"role": "assistant", "content": ""}})
+    async with state.claim(body.model, keep) as claim:
+        messages = await run_in_threadpool(_messages, body.messages)
+        messages = gemma_messages(messages, reply_format.prompted_tools, reply_format.choice)
+        prompt = await run_in_threadpool(chat_prompt, claim.served, messages,
+                                         state.options.pan_and_scan)
+        settings, stops = body.settings(claim.served, prompt)
+        generation = GenerationRequest(prompt, settings, stops, body.top,
+                                       _constrained(reply_format))
+        return await _respond(state, claim, request, body, generation, chat=True)
 
 
 @router.post("/api/generate")
@@ -184,23 +217,120 @@ async def generate(body: GenerateRequest, request: Request):
     state = state_of(request)
     request.state.body = body.model_dump(exclude_none=True)
     body.refuse_unsupported("suffix", "template", "context")
-    state.check_model(body.model)
-    if not body.prompt and not body.images:  # Ollama's way to load a model: it is loaded
-        return _final(state, {"response": ""}, "load", None)
-    if body.raw or not state.model.has_chat_template:
-        if body.images:
-            raise APIError(400, "images need the chat template: leave out raw", param="raw")
-        prompt = await run_in_threadpool(completion_prompt, state, body.prompt, body.system)
-    else:
-        turns = [{"role": "system", "content": body.system}] if body.system else []
-        user = OllamaMessage(role="user", content=body.prompt, images=body.images)
-        turns += await run_in_threadpool(_messages, [user])
-        prompt = await run_in_threadpool(chat_prompt, state, turns)
-    settings, stops = body.settings(state, prompt)
+    keep = body.keep
     reply_format = await run_in_threadpool(
         lambda: ReplyFormat.of(schema=ollama_format(body.format)))
-    generation = GenerationRequest(prompt, settings, stops, body.top, _constrained(reply_format))
-    return await _respond(state, request, body, generation, chat=False)
+    if not body.prompt and not body.images:  # Ollama's way to load or unload a model
+        return await _load_or_unload(state, body.model, keep, {"response": ""})
+    async with state.claim(body.model, keep) as claim:
+        served = claim.served
+        if body.raw or not served.has_chat_template:
+            if body.images:
+                raise APIError(400, "images need the chat template: leave out raw", param="raw")
+            prompt = await run_in_threadpool(completion_prompt, served, body.prompt,
+                                             body.system)
+        else:
+            turns = [{"role": "system", "content": body.system}] if body.system else []
+            user = OllamaMessage(role="user", content=body.prompt, images=body.images)
+            turns += await run_in_threadpool(_messages, [user])
+            prompt = await run_in_threadpool(chat_prompt, served, turns,
+                                             state.options.pan_and_scan)
+        settings, stops = body.settings(served, prompt)
+        generation = GenerationRequest(prompt, settings, stops, body.top,
+                                       _constrained(reply_format))
+        return await _respond(state, claim, request, body, generation, chat=False)
+
+
+async def _load_or_unload(state: ServerState, name: str, keep: float | None,
+                          content: dict) -> dict:
+    """A request without a prompt loads its model (keep_alive 0: unloads it)."""
+    if keep == 0:
+        entry = await run_in_threadpool(state.check_model, name)
+        state.registry.expire(entry)
+        return {"model": entry.name, "created_at": _iso(time.time()), **content, "done": True,
+                "done_reason": "unload"}
+    async with state.claim(name, keep) as claim:
+        return _final(claim.served, content, "load", None)
+
+
+@router.post("/api/pull")
+async def pull(body: PullRequest, request: Request):
+    """Download a model (--allow-pull only): Ollama's progress objects, then success."""
+    state = state_of(request)
+    name = _allowed(state, body.model or body.name, "pull")
+    if not body.stream:
+        await state.registry.pull(name)
+        return {"status": "success"}
+    progress = PullProgress(request.app.state.loop)
+    task = asyncio.ensure_future(state.registry.pull(name, progress.bar))
+
+    async def lines() -> AsyncIterator[str]:
+        yield json.dumps({"status": f"pulling {name}"}) + "\n"
+        async for update in progress.updates(task):
+            yield json.dumps(update) + "\n"
+        try:
+            await task
+        except APIError as e:
+            yield json.dumps(e.ollama()) + "\n"
+            return
+        yield json.dumps({"status": "success"}) + "\n"
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
+@router.delete("/api/delete")
+async def delete(body: ModelRequest, request: Request) -> Response:
+    """Delete a model from this machine (--allow-pull only)."""
+    state = state_of(request)
+    name = _allowed(state, body.model or body.name, "delete")
+    freed = await state.registry.delete(name)
+    log.info("deleted %s (%s freed)", name, format_size(freed))
+    return Response(status_code=200)
+
+
+def _allowed(state: ServerState, name: str | None, what: str) -> str:
+    if not state.options.allow_pull:
+        raise APIError(403, f"this server does not {what} models: start it with --allow-pull, "
+                       f"or run `gemma-mlx {'pull' if what == 'pull' else 'rm'}` on its machine",
+                       code="forbidden")
+    if not name:
+        raise APIError(400, "name the model", param="model")
+    return name
+
+
+class PullProgress:
+    """A tqdm class for huggingface_hub's download bars whose updates reach an async stream
+    as Ollama's {"status", "digest", "total", "completed"} objects."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.queue: asyncio.Queue[dict] = asyncio.Queue()
+        progress = self
+
+        class Bar(tqdm):
+            def __init__(self, *args: Any, **kwargs: Any):
+                kwargs["disable"] = False
+                kwargs["file"] = io.StringIO()
+                super().__init__(*args, **kwargs)
+
+            def update(self, n: float | None = 1) -> bool | None:
+                shown = super().update(n)
+                progress.post({"status": f"downloading {self.desc or ''}".strip(),
+                               "digest": self.desc or "", "total": int(self.total or 0),
+                               "completed": int(self.n)})
+                return shown
+
+        self.bar = Bar
+
+    def post(self, update: dict) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, update)
+
+    async def updates(self, task: asyncio.Future) -> AsyncIterator[dict]:
+        while not (task.done() and self.queue.empty()):
+            try:
+                yield await asyncio.wait_for(self.queue.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                continue
 
 
 def _constrained(reply_format: ReplyFormat) -> ReplyFormat | None:
@@ -237,16 +367,17 @@ def _image(data: str, i: int) -> Attachment:
     return Attachment.load(raw)
 
 
-async def _respond(state: ServerState, request: Request, body: OllamaRequest,
+async def _respond(state: ServerState, claim: Claim, request: Request, body: OllamaRequest,
                    generation: GenerationRequest, chat: bool):
-    job = Job(generation, request.app.state.loop)
+    served = claim.served
+    job = Job(generation, request.app.state.loop, claim)
     state.submit(job)
     started = time.perf_counter()
     if not body.stream:
         text, tokens, done = await until_done(request, job, job.result())
         request.state.tokens = (done.prompt_tokens, done.completion_tokens)
-        return _final(state, _content(text, chat, done), done.finish_reason, done, started,
-                      _logprobs(state, tokens, generation.logprobs))
+        return _final(served, _content(text, chat, done), done.finish_reason, done, started,
+                      _logprobs(served, tokens, generation.logprobs))
     first = await first_event(request, job)
 
     async def lines() -> AsyncIterator[str]:
@@ -259,15 +390,15 @@ async def _respond(state: ServerState, request: Request, body: OllamaRequest,
                 if isinstance(event, Done):
                     request.state.tokens = (event.prompt_tokens, event.completion_tokens)
                     if event.tool_calls:  # as Ollama streams them: whole, before the end
-                        yield json.dumps({"model": state.name, "created_at": _iso(time.time()),
+                        yield json.dumps({"model": served.name, "created_at": _iso(time.time()),
                                           **_content("", chat, event), "done": False}) + "\n"
-                    yield json.dumps(_final(state, _content("", chat), event.finish_reason,
+                    yield json.dumps(_final(served, _content("", chat), event.finish_reason,
                                             event, started)) + "\n"
                     return
-                part = {"model": state.name, "created_at": _iso(time.time()),
+                part = {"model": served.name, "created_at": _iso(time.time()),
                         **_content(event.text, chat), "done": False}
                 if generation.logprobs is not None:
-                    part["logprobs"] = _logprobs(state, event.tokens, generation.logprobs)
+                    part["logprobs"] = _logprobs(served, event.tokens, generation.logprobs)
                 yield json.dumps(part) + "\n"
                 event = await job.events().__anext__()
         finally:
@@ -285,9 +416,9 @@ def _content(text: str, chat: bool, done: Done | None = None) -> dict:
     return {"message": message}
 
 
-def _final(state: ServerState, content: dict, reason: str, done: Done | None,
+def _final(served: ServedModel, content: dict, reason: str, done: Done | None,
            started: float | None = None, logprobs: list | None = None) -> dict:
-    final = {"model": state.name, "created_at": _iso(time.time()), **content, "done": True,
+    final = {"model": served.name, "created_at": _iso(time.time()), **content, "done": True,
              "done_reason": "stop" if reason in ("cancelled", "tool_calls") else reason}
     if done is not None:
         final.update(
@@ -300,36 +431,54 @@ def _final(state: ServerState, content: dict, reason: str, done: Done | None,
     return final
 
 
-def _logprobs(state: ServerState, tokens: list[TokenInfo], top: int | None) -> list | None:
+def _logprobs(served: ServedModel, tokens: list[TokenInfo], top: int | None) -> list | None:
     if top is None:
         return None
-    decode = state.model.tokenizer.decode
+    decode = served.model.tokenizer.decode
     return [{"token": t.text, "logprob": t.logprob,
              "top_logprobs": [{"token": decode([i]), "logprob": lp}
                               for i, lp in t.top_logprobs[:top]]} for t in tokens]
 
 
-def _details(state: ServerState) -> dict:
-    q = state.model.quantization
-    params = state.parameters
+def _details(entry: Servable, served: ServedModel | None) -> dict:
+    """Ollama's details; the parameter count is known once the model is loaded."""
+    size = ""
+    if served is not None:
+        params = served.parameters
+        size = f"{params / 1e9:.1f}B" if params >= 1e9 else f"{params / 1e6:.0f}M"
+    quantization = entry.quantization
+    if served is not None and not quantization:
+        q = served.model.quantization
+        quantization = f"{q['bits']}-bit g{q['group_size']}" if q else "none"
     return {"parent_model": "", "format": "mlx", "family": "gemma3", "families": ["gemma3"],
-            "parameter_size": f"{params / 1e9:.1f}B" if params >= 1e9 else f"{params / 1e6:.0f}M",
-            "quantization_level": f"{q['bits']}-bit g{q['group_size']}" if q else "none"}
+            "parameter_size": size, "quantization_level": quantization}
 
 
-def _entry(state: ServerState, name: str) -> dict:
-    return {"name": name, "model": name, "modified_at": _iso(state.created),
-            "size": state.size_bytes,
-            "digest": "", "details": _details(state)}
+def _entry(entry: Servable, served: ServedModel | None) -> dict:
+    return {"name": entry.name, "model": entry.name, "modified_at": _iso(entry.modified),
+            "size": entry.size, "digest": "", "details": _details(entry, served)}
 
 
-def _capabilities(state: ServerState) -> list[str]:
-    caps = ["completion"]
-    if state.model.has_chat_template:
-        caps.append("tools")
-    if state.model.config.has_vision:
-        caps.append("vision")
-    return caps
+@dataclass
+class _Facts:
+    """What /api/show says of a model, loaded or read from its folder (no loading)."""
+
+    config: ModelConfig
+    context_length: int
+    capabilities: list[str]
+
+    @classmethod
+    def of(cls, entry: Servable, served: ServedModel | None, max_context: int | None) -> _Facts:
+        if served is not None:
+            config, chat = served.model.config, served.has_chat_template
+            context = served.context_limit
+        else:
+            config = ModelConfig.from_dict(read_config(entry.path))
+            chat = folder_has_chat_template(entry.path)
+            context = min(config.text.max_position_embeddings, max_context or math.inf)
+        caps = ["completion"] + (["tools"] if chat else []) + (
+            ["vision"] if config.has_vision else [])
+        return cls(config, int(context), caps)
 
 
 def _iso(seconds: float) -> str:

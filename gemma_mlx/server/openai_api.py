@@ -24,7 +24,7 @@ from gemma_mlx.constrain import ReplyFormat, response_format
 from gemma_mlx.tools import gemma_messages
 
 from .errors import APIError, unsupported
-from .jobs import Delta, Done, Failed, GenerationRequest, Job, TokenInfo
+from .jobs import Claim, Delta, Done, Failed, GenerationRequest, Job, TokenInfo
 from .render import chat_prompt, completion_prompt, load_images, sampling
 from .responses import first_event, until_done
 from .state import ServerState
@@ -118,16 +118,16 @@ def state_of(request: Request) -> ServerState:
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict:
     state = state_of(request)
+    entries = await run_in_threadpool(state.catalog.entries)
     return {"object": "list", "data": [
-        {"id": name, "object": "model", "created": state.created, "owned_by": "gemma-mlx"}
-        for name in state.names]}
+        {"id": name, "object": "model", "created": int(entry.modified), "owned_by": "gemma-mlx"}
+        for entry in entries for name in entry.names]}
 
 
 @router.get("/v1/models/{name:path}")
 async def get_model(name: str, request: Request) -> dict:
-    state = state_of(request)
-    state.check_model(name)
-    return {"id": name, "object": "model", "created": state.created, "owned_by": "gemma-mlx"}
+    entry = await run_in_threadpool(state_of(request).check_model, name)
+    return {"id": name, "object": "model", "created": int(entry.modified), "owned_by": "gemma-mlx"}
 
 
 @router.post("/v1/chat/completions")
@@ -136,23 +136,25 @@ async def chat_completions(body: ChatRequest, request: Request):
     request.state.body = body.model_dump(exclude_none=True)
     body.refuse_unsupported("functions", "function_call", "audio", "prediction",
                             "reasoning_effort", "web_search_options", "verbosity")
-    state.check_model(body.model)
+    if body.top_logprobs and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     reply_format = await run_in_threadpool(
         lambda: ReplyFormat.of(body.tools, body.tool_choice, body.parallel_tool_calls is not False,
                                schema=response_format(body.response_format)))
-    messages = await run_in_threadpool(_messages, state, body.messages)
-    messages = gemma_messages(messages, reply_format.prompted_tools, reply_format.choice)
-    prompt = await run_in_threadpool(chat_prompt, state, messages)
-    top = body.top_logprobs if body.logprobs else None
-    if body.top_logprobs and not body.logprobs:
-        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-    settings = sampling(state, prompt, body.max_completion_tokens or body.max_tokens,
-                        **body.sampling_options())
-    generation = GenerationRequest(prompt, settings, body.stops,
-                                   (top or 0) if body.logprobs else None,
-                                   reply_format if reply_format.grammar is not None
-                                   or reply_format.prompted_tools else None)
-    return await _respond(state, request, body, generation, Chat())
+    async with state.claim(body.model) as claim:
+        served = claim.served
+        messages = await run_in_threadpool(_messages, state, body.messages)
+        messages = gemma_messages(messages, reply_format.prompted_tools, reply_format.choice)
+        prompt = await run_in_threadpool(chat_prompt, served, messages,
+                                         state.options.pan_and_scan)
+        top = body.top_logprobs if body.logprobs else None
+        settings = sampling(served, prompt, body.max_completion_tokens or body.max_tokens,
+                            **body.sampling_options())
+        generation = GenerationRequest(prompt, settings, body.stops,
+                                       (top or 0) if body.logprobs else None,
+                                       reply_format if reply_format.grammar is not None
+                                       or reply_format.prompted_tools else None)
+        return await _respond(state, claim, request, body, generation, Chat())
 
 
 @router.post("/v1/completions")
@@ -162,17 +164,18 @@ async def completions(body: CompletionRequest, request: Request):
     body.refuse_unsupported("echo", "suffix")
     if body.best_of not in (None, 1):
         raise unsupported(["best_of"])
-    state.check_model(body.model)
     text = body.prompt
     if isinstance(text, list):
         if len(text) != 1:
             raise APIError(400, "give one prompt per request (a list of several is not "
                            "supported)", param="prompt")
         text = text[0]
-    prompt = await run_in_threadpool(completion_prompt, state, text)
-    settings = sampling(state, prompt, body.max_tokens or 16, **body.sampling_options())
-    generation = GenerationRequest(prompt, settings, body.stops, body.logprobs)
-    return await _respond(state, request, body, generation, Completion())
+    async with state.claim(body.model) as claim:
+        prompt = await run_in_threadpool(completion_prompt, claim.served, text)
+        settings = sampling(claim.served, prompt, body.max_tokens or 16,
+                            **body.sampling_options())
+        generation = GenerationRequest(prompt, settings, body.stops, body.logprobs)
+        return await _respond(state, claim, request, body, generation, Completion())
 
 
 def _messages(state: ServerState, messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -212,21 +215,22 @@ def _parts(state: ServerState, parts: list[dict[str, Any]], i: int) -> list[dict
     return items
 
 
-async def _respond(state: ServerState, request: Request, body: OpenAIRequest,
+async def _respond(state: ServerState, claim: Claim, request: Request, body: OpenAIRequest,
                    generation: GenerationRequest, shape: Chat | Completion):
-    job = Job(generation, request.app.state.loop)
+    served = claim.served
+    job = Job(generation, request.app.state.loop, claim)
     state.submit(job)
     request.state.job = job
     if not body.stream:
         text, tokens, done = await until_done(request, job, job.result())
         request.state.tokens = (done.prompt_tokens, done.completion_tokens)
-        return shape.whole(state, text, tokens, done, generation.logprobs)
+        return shape.whole(served, text, tokens, done, generation.logprobs)
     first = await first_event(request, job)
 
     async def events() -> AsyncIterator[dict]:
         try:
             async for event in _chain(first, job):
-                for frame in shape.frames(state, event, generation.logprobs, body.include_usage):
+                for frame in shape.frames(served, event, generation.logprobs, body.include_usage):
                     yield {"data": frame}
                 if isinstance(event, Done):
                     request.state.tokens = (event.prompt_tokens, event.completion_tokens)
@@ -295,34 +299,34 @@ class Chat:
         self.created = int(time.time())
         self.started = False
 
-    def _logprobs(self, state: ServerState, tokens: list[TokenInfo], top: int | None):
+    def _logprobs(self, served, tokens: list[TokenInfo], top: int | None):
         if top is None:
             return None
-        tokenizer = state.model.tokenizer
+        tokenizer = served.model.tokenizer
         return {"content": [_token_logprob(t, tokenizer, top) for t in tokens], "refusal": None}
 
-    def whole(self, state, text, tokens, done: Done, top) -> dict:
+    def whole(self, served, text, tokens, done: Done, top) -> dict:
         return {"id": self.id, "object": "chat.completion", "created": self.created,
-                "model": state.name, "system_fingerprint": FINGERPRINT,
+                "model": served.name, "system_fingerprint": FINGERPRINT,
                 "choices": [{"index": 0, "finish_reason": _finish(done),
                              "message": _message(text, done),
-                             "logprobs": self._logprobs(state, tokens, top)}],
+                             "logprobs": self._logprobs(served, tokens, top)}],
                 "usage": _usage(done)}
 
-    def _chunk(self, state, choices: list, usage: dict | None, with_usage: bool) -> str:
+    def _chunk(self, served, choices: list, usage: dict | None, with_usage: bool) -> str:
         frame = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                 "model": state.name, "system_fingerprint": FINGERPRINT, "choices": choices}
+                 "model": served.name, "system_fingerprint": FINGERPRINT, "choices": choices}
         if with_usage:
             frame["usage"] = usage
         return json.dumps(frame)
 
-    def frames(self, state, event, top, with_usage: bool) -> list[str]:
+    def frames(self, served, event, top, with_usage: bool) -> list[str]:
         if isinstance(event, Failed):
                 return [json.dumps(event.error.openai())]
         frames = []
         if not self.started:
             self.started = True
-            frames.append(self._chunk(state, [{"index": 0, "delta": {"role": "assistant",
+            frames.append(self._chunk(served, [{"index": 0, "delta": {"role": "assistant",
                                                                       "content": ""},
                                                "logprobs": None, "finish_reason": None}],
                                       None, with_usage))
@@ -333,15 +337,15 @@ class Chat:
             if event.calls:
                 delta["tool_calls"] = _call_deltas(event)
             if delta:
-                frames.append(self._chunk(state, [{
+                frames.append(self._chunk(served, [{
                     "index": 0, "delta": delta,
-                    "logprobs": self._logprobs(state, event.tokens, top),
+                    "logprobs": self._logprobs(served, event.tokens, top),
                     "finish_reason": None}], None, with_usage))
             return frames
-        frames.append(self._chunk(state, [{"index": 0, "delta": {}, "logprobs": None,
+        frames.append(self._chunk(served, [{"index": 0, "delta": {}, "logprobs": None,
                                            "finish_reason": _finish(event)}], None, with_usage))
         if with_usage:
-            frames.append(self._chunk(state, [], _usage(event), True))
+            frames.append(self._chunk(served, [], _usage(event), True))
         return frames
 
 
@@ -353,10 +357,10 @@ class Completion:
         self.created = int(time.time())
         self.offset = 0
 
-    def _logprobs(self, state, tokens: list[TokenInfo], top: int | None):
+    def _logprobs(self, served, tokens: list[TokenInfo], top: int | None):
         if top is None:
             return None
-        tokenizer = state.model.tokenizer
+        tokenizer = served.model.tokenizer
         offsets = []
         for t in tokens:
             offsets.append(self.offset)
@@ -367,28 +371,28 @@ class Completion:
                                  for t in tokens] if top else None,
                 "text_offset": offsets}
 
-    def _object(self, state, choices: list, usage: dict | None = None) -> dict:
+    def _object(self, served, choices: list, usage: dict | None = None) -> dict:
         obj = {"id": self.id, "object": "text_completion", "created": self.created,
-               "model": state.name, "system_fingerprint": FINGERPRINT, "choices": choices}
+               "model": served.name, "system_fingerprint": FINGERPRINT, "choices": choices}
         if usage is not None:
             obj["usage"] = usage
         return obj
 
-    def whole(self, state, text, tokens, done: Done, top) -> dict:
-        return self._object(state, [{"index": 0, "text": text, "finish_reason": _finish(done),
-                                     "logprobs": self._logprobs(state, tokens, top)}],
+    def whole(self, served, text, tokens, done: Done, top) -> dict:
+        return self._object(served, [{"index": 0, "text": text, "finish_reason": _finish(done),
+                                     "logprobs": self._logprobs(served, tokens, top)}],
                             _usage(done))
 
-    def frames(self, state, event, top, with_usage: bool) -> list[str]:
+    def frames(self, served, event, top, with_usage: bool) -> list[str]:
         if isinstance(event, Failed):
             return [json.dumps(event.error.openai())]
         if isinstance(event, Delta):
-            return [json.dumps(self._object(state, [{
+            return [json.dumps(self._object(served, [{
                 "index": 0, "text": event.text, "finish_reason": None,
-                "logprobs": self._logprobs(state, event.tokens, top)}]))]
-        frames = [json.dumps(self._object(state, [{"index": 0, "text": "",
+                "logprobs": self._logprobs(served, event.tokens, top)}]))]
+        frames = [json.dumps(self._object(served, [{"index": 0, "text": "",
                                                   "finish_reason": _finish(event),
                                                   "logprobs": None}]))]
         if with_usage:
-            frames.append(json.dumps(self._object(state, [], _usage(event))))
+            frames.append(json.dumps(self._object(served, [], _usage(event))))
         return frames

@@ -54,6 +54,12 @@ class SessionPool:
                               or self.nbytes > self.max_bytes):
             self._idle.pop(0).reset()
 
+    def clear(self) -> None:
+        """Drop every idle session's cache (the model is going)."""
+        for session in self._idle:
+            session.reset()
+        self._idle.clear()
+
     @property
     def nbytes(self) -> int:
         return sum(session.nbytes for session in self._idle)

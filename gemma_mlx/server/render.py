@@ -18,14 +18,16 @@ from gemma_mlx.images import Attachment
 from gemma_mlx.prompt import START_OF_IMAGE, Prompt, build_prompt
 
 from .errors import APIError
+from .registry import ServedModel
 from .state import ServerState
 
 
-def chat_prompt(state: ServerState, messages: Sequence[dict[str, Any]]) -> Prompt:
+def chat_prompt(served: ServedModel, messages: Sequence[dict[str, Any]],
+                pan_and_scan: bool = False) -> Prompt:
     """The prompt of a conversation, rendered as the official chat template does."""
-    model = state.model
+    model = served.model
     if not model.has_chat_template:
-        raise APIError(400, f"{state.name} has no chat template (a base model): use "
+        raise APIError(400, f"{served.name} has no chat template (a base model): use "
                        "/v1/completions or /api/generate to complete raw text",
                        param="messages", code="no_chat_template")
     if not messages:
@@ -35,19 +37,19 @@ def chat_prompt(state: ServerState, messages: Sequence[dict[str, Any]]) -> Promp
     for turn in turns:
         _check_text(turn["content"])
     if any(_has_image(t["content"]) for t in turns) and not model.config.has_vision:
-        raise BadImage(f"{state.name} takes text only: send images to a vision model "
+        raise BadImage(f"{served.name} takes text only: send images to a vision model "
                        "(4b, 12b, 27b)")
     if turns[-1]["role"] == "assistant":
         raise APIError(400, "the last message is the assistant's: end with a user message",
                        param="messages")
-    return build_prompt(model.tokenizer, turns, image_tokens(model), state.options.pan_and_scan)
+    return build_prompt(model.tokenizer, turns, image_tokens(model), pan_and_scan)
 
 
-def completion_prompt(state: ServerState, text: str, system: str | None = None) -> Prompt:
+def completion_prompt(served: ServedModel, text: str, system: str | None = None) -> Prompt:
     """Raw text, tokenized as the CLI's --raw does (with <bos>)."""
     if START_OF_IMAGE in text:
         raise BadRequest(f"the prompt contains the reserved token {START_OF_IMAGE}")
-    return Prompt(prompt_ids(state.model, text, system, raw=True))
+    return Prompt(prompt_ids(served.model, text, system, raw=True))
 
 
 def merge_system(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -65,14 +67,14 @@ def merge_system(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return turns
 
 
-def sampling(state: ServerState, prompt: Prompt, max_tokens: int | None,
+def sampling(served: ServedModel, prompt: Prompt, max_tokens: int | None,
              **options: Any) -> SamplingSettings:
     """Sampling settings with Gemma's defaults for what the request leaves out; max_tokens is
     capped by the context window (and defaults to all the room left)."""
-    room = state.context_limit - len(prompt.ids)
+    room = served.context_limit - len(prompt.ids)
     if room <= 0:
         raise APIError(400, f"the prompt is {len(prompt.ids)} tokens but the context window "
-                       f"holds {state.context_limit}: shorten it", param="messages",
+                       f"holds {served.context_limit}: shorten it", param="messages",
                        code="context_length_exceeded")
     given = {k: v for k, v in options.items() if v is not None}
     settings = SamplingSettings(**given, max_tokens=min(max_tokens or room, room))

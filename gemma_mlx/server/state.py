@@ -1,22 +1,24 @@
-"""What every route needs to know about the served model and the server's settings.
+"""What every route needs: the server's settings, the models it serves, and the worker.
 
-It holds no MLX state: the model object is only read for its names, config and tokenizer; the
-worker owns everything that runs on the device.
+It holds no MLX state: a loaded model is only read for its names, config and tokenizer; the
+worker owns everything that runs on the device (loading included).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
-
-from gemma_mlx.hub import ALIASES, PYPI_270M
 
 from .errors import APIError
-from .jobs import Job
+from .jobs import Claim, Job
 from .metrics import Metrics
+from .registry import FOREVER, ModelRegistry, Servable, ServedModel
 from .remote_images import ImageFetcher
 from .worker import Worker
+
+DEFAULT_KEEP_ALIVE_S = 300.0  # Ollama's five minutes
 
 
 @dataclass
@@ -36,57 +38,79 @@ class ServerOptions:
     max_batch: int | None = None  # streams decoded together (None: sized to the memory)
     dense_batch: bool = False  # batches step over dense copies of the weights (more memory)
     cache_sessions: int = 4  # KV caches kept between requests (the prefix cache) ...
-    cache_bytes: int = 8 << 30  # ... and their memory, at most
+    cache_bytes: int = 8 << 30  # ... and their memory, at most (per model)
     max_body_bytes: int = 100 << 20  # a few large base64 images
     image_timeout_s: float = 20.0
     verbose: bool = False
-
-
-def served_names(name: str, path: Path) -> list[str]:
-    """The names a client may use for the model: as it was loaded, its alias and repo id, and
-    the Ollama-style `gemma3:<size>`."""
-    key = name.strip().lower()
-    names = [name]
-    by_repo = {repo.lower(): alias for alias, repo in ALIASES.items()}
-    alias = key if key in ALIASES or key == PYPI_270M else by_repo.get(key)
-    if alias is not None:
-        names += [alias, f"gemma3:{alias}"]
-        if alias in ALIASES:
-            names.append(ALIASES[alias])
-    elif "/" in name or Path(name).exists():
-        names.append(Path(name).name)
-    return list(dict.fromkeys(names))
+    keep_alive: float = DEFAULT_KEEP_ALIVE_S  # seconds an idle model stays (FOREVER: always)
+    max_loaded: int = 3  # models loaded at once
+    max_memory: int | None = None  # bytes of weights loaded at once (None: 3/4 of the memory)
+    allow_pull: bool = False  # requests may download models (and /api/pull, /api/delete work)
 
 
 class ServerState:
-    def __init__(self, model, options: ServerOptions, worker: Worker, metrics: Metrics,
-                 draft_model=None):
-        self.model = model
-        self.draft_model = draft_model
+    def __init__(self, options: ServerOptions, worker: Worker, metrics: Metrics,
+                 registry: ModelRegistry):
         self.options = options
         self.worker = worker
         self.metrics = metrics
-        self.names = served_names(model.name, model.path)
+        self.registry = registry
         self.created = int(time.time())
         self.fetcher = ImageFetcher(options.allow_private_urls, options.image_timeout_s)
-        self.parameters = parameter_count(model)
-        self.size_bytes = sum(f.stat().st_size for f in model.path.glob("*.safetensors"))
 
     @property
-    def name(self) -> str:
-        return self.names[0]
+    def catalog(self):
+        return self.registry.catalog
 
-    @property
-    def context_limit(self) -> int:
-        return self.worker.context_limit
-
-    def check_model(self, name: str | None) -> None:
-        if name not in self.names:
-            raise APIError(404, f"the model '{name}' is not served here: use one of "
-                           f"{', '.join(self.names)}", param="model", code="model_not_found")
+    @asynccontextmanager
+    async def claim(self, name: str | None, keep_alive: float | None = None
+                    ) -> AsyncIterator[Claim]:
+        """The model a request names, loaded and held for it (see jobs.Claim)."""
+        served = await self.registry.claim(name)
+        claim = Claim(served, lambda: self.registry.release(served, keep_alive))
+        try:
+            yield claim
+        finally:
+            if not claim.handed_over:
+                claim.release()
 
     def submit(self, job: Job) -> None:
         self.worker.submit(job)
+        job.claim.handed_over = True
+
+    def check_model(self, name: str | None) -> Servable:
+        return self.catalog.find(name)
+
+    def expires_at(self, served: ServedModel) -> float:
+        """When an idle model goes (for /api/ps): FOREVER if it never does, and a model in
+        use stays at least its keep-alive from now."""
+        if served.pinned:
+            return FOREVER
+        if served.claims:
+            return time.time() + self.options.keep_alive
+        return served.expires_at
+
+
+def served_model(model, entry: Servable, options: ServerOptions, draft_model=None,
+                 pinned: bool = False) -> ServedModel:
+    """A loaded model as the routes see it. Only shapes are read: nothing runs on the device."""
+    from gemma_mlx.chat import context_limit
+    from gemma_mlx.loading import parameter_bytes
+
+    model.name = entry.name
+    return ServedModel(entry, model, context_limit(model, options.max_context),
+                       parameter_count(model), parameter_bytes(model.net), draft_model, pinned)
+
+
+def load_served(entry: Servable, options: ServerOptions) -> ServedModel:
+    """On the worker: load a catalogued model from its folder (never downloading)."""
+    from gemma_mlx.loading import load
+
+    if not entry.path.is_dir():
+        raise APIError(404, f"{entry.name} is no longer on this machine ({entry.path}): "
+                       f"`gemma-mlx pull {entry.name}` again", param="model",
+                       code="model_not_found")
+    return served_model(load(str(entry.path)), entry, options)
 
 
 def parameter_count(model) -> int:

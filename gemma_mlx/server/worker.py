@@ -1,22 +1,32 @@
 """The one thread that owns MLX: it takes jobs from a bounded queue and decodes them together.
 
-HTTP handlers only submit jobs and read their events; everything that touches the model, its
-caches and the device happens here. Jobs run in a continuous batch (gemma_mlx/batch.py): a new
-one joins at the next step, a finished one leaves, each with its own session from the prefix
-cache, its own settings, stop strings and cancellation. With a draft model (speculative
-decoding, which is not batched) they run one at a time instead. A full queue refuses at once
-(429), a cancelled job stops at its next token, and a job that fails leaves the worker, the pool
-and the other clients as they were.
+HTTP handlers only submit jobs and read their events; everything that touches a model, its
+caches and the device happens here, loading and unloading models included (`call`). Each loaded
+model has a `Host`: its prefix cache and its continuous batch (gemma_mlx/batch.py). A new job
+joins its model's batch at the next step, a finished one leaves, each with its own session
+from the prefix cache, its own settings, stop strings and cancellation; the batches of several
+loaded models take their steps in turn. With a draft model (speculative decoding, which is not
+batched) jobs run one at a time instead. A full queue refuses at once (429), a cancelled job
+stops at its next token, and a job that fails leaves the worker, the pools and the other
+clients as they were.
 """
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import logging
 import queue
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
-from gemma_mlx.batch import Batch, Stream
+import mlx.core as mx
+
+from gemma_mlx.batch import Batch, Stream, default_max_batch
 from gemma_mlx.engine import Chunk
 from gemma_mlx.errors import GemmaError
 from gemma_mlx.model.decode import release_program
@@ -28,9 +38,10 @@ from .errors import APIError, from_library
 from .jobs import CallDelta, Delta, Done, Failed, Job, TokenInfo
 from .metrics import Metrics
 from .pool import SessionPool
+from .registry import NotYet, ServedModel
 
 log = logging.getLogger("gemma_mlx.server")
-IDLE_POLL_S = 0.5  # how often an idle worker looks at its closing flag
+IDLE_POLL_S = 0.5  # how often an idle worker looks at its closing flag and at keep-alives
 
 
 class Generation:
@@ -85,17 +96,99 @@ class Generation:
                     calls)
 
 
+@dataclass
+class HostOptions:
+    """What the worker needs to set a loaded model up: its prefix cache and its batch."""
+
+    max_batch: int | None = None  # None: sized to the memory (default_max_batch)
+    dense_batch: bool = False
+    cache_sessions: int = 4
+    cache_bytes: int = 8 << 30
+    kv_bits: int | None = None
+    num_draft_tokens: int = 3
+
+
+class Host:
+    """A loaded model inside the worker: its prefix cache, its batch (None with a draft model:
+    one job at a time) and the jobs waiting for a free row."""
+
+    def __init__(self, served: ServedModel, options: HostOptions):
+        model = served.model
+        self.served = served
+        rows = options.max_batch or default_max_batch(model, served.context_limit)
+        self.max_batch = 1 if served.draft_model is not None else rows
+        self.pool = SessionPool(model, max(options.cache_sessions, self.max_batch),
+                                options.cache_bytes, options.kv_bits, served.draft_model,
+                                options.num_draft_tokens)
+        self.batch = None if served.draft_model is not None else Batch(
+            model, self.max_batch, dense_weights=options.dense_batch)
+        self.waiting: deque[Job] = deque()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting) or (self.batch is not None and not self.batch.idle)
+
+    def close(self) -> None:
+        """Let go of everything on the device: caches, the compiled steps, the weights."""
+        if self.batch is not None:
+            self.batch.close()
+        self.pool.clear()
+        for m in (self.served.model, self.served.draft_model):
+            if m is not None:
+                release_program(m.net.decoder)
+
+
+class Call:
+    """A function to run on the worker thread (loading, unloading, importing), its result
+    going back to the event loop."""
+
+    def __init__(self, fn: Callable[[], Any], future: asyncio.Future,
+                 loop: asyncio.AbstractEventLoop):
+        self.fn, self.future, self.loop = fn, future, loop
+
+    def run(self) -> bool:
+        """False when it must wait (NotYet) and be run again later."""
+        try:
+            result = self.fn()
+        except NotYet:
+            return False
+        except APIError as e:
+            self._settle(e)
+        except GemmaError as e:
+            self._settle(from_library(e))
+        except Exception as e:  # a bug, not a client's: it fails this call only
+            log.exception("a model operation failed")
+            self._settle(APIError(500, f"internal error: {type(e).__name__}: {e}"))
+        else:
+            self._settle(None, result)
+        return True
+
+    def fail(self, error: APIError) -> None:
+        self._settle(error)
+
+    def _settle(self, error: Exception | None, result: Any = None) -> None:
+        def settle() -> None:
+            if self.future.done():
+                return
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(result)
+
+        self.loop.call_soon_threadsafe(settle)
+
+
 class Worker:
-    def __init__(self, pool: SessionPool, max_queue: int, metrics: Metrics,
-                 context_limit: int, max_batch: int = 8, dense_batch: bool = False):
-        self.pool = pool
+    def __init__(self, options: HostOptions, max_queue: int, metrics: Metrics,
+                 expired: Callable[[], list[ServedModel]] = list):
+        self.options = options
         self.max_queue = max_queue
         self.metrics = metrics
-        self.context_limit = context_limit
-        self.max_batch = 1 if pool.draft_model is not None else max_batch
-        self.dense_batch = dense_batch
-        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self.expired = expired  # the registry's: idle models past their keep-alive
+        self._queue: queue.Queue[Job | Call | None] = queue.Queue()
         self._lock = threading.Lock()
+        self._hosts: dict[int, Host] = {}  # by id of their ServedModel
+        self._deferred: list[Call] = []  # loads waiting for room
         self._running: dict[int, Generation] = {}  # by id of their batch stream
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="gemma-mlx-worker", daemon=True)
@@ -104,17 +197,36 @@ class Worker:
         self._thread.start()
 
     def submit(self, job: Job) -> None:
-        if self._closing.is_set() or not self._thread.is_alive():
-            raise APIError(503, "the server is shutting down: try again later",
-                           code="unavailable")
+        self._check_open()
         with self._lock:
-            free = self.max_batch - len(self._running)
-            if self._queue.qsize() - free >= self.max_queue:  # it would wait behind a full queue
+            if self.waiting - self._free_rows(job.served) >= self.max_queue:
                 self.metrics.rejected.inc()
                 raise APIError(429, f"the server is busy ({self.max_queue} requests waiting): "
                                "retry shortly", code="queue_full", headers={"Retry-After": "1"})
             self._queue.put(job)
-            self.metrics.queue_depth.set(self._queue.qsize())
+            self.metrics.queue_depth.set(self.waiting)
+
+    def call(self, fn: Callable[[], Any]) -> asyncio.Future:
+        """Run `fn` on the worker thread; await the returned future for its result."""
+        self._check_open()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.put(Call(fn, future, loop))
+        return future
+
+    def unload(self, served: ServedModel) -> None:
+        """On the worker thread: let `served` go (the registry has taken it out already). The
+        weights go with the last request that still holds the model object."""
+        host = self._hosts.pop(id(served), None)
+        if host is not None:
+            host.close()
+        for m in (served.model, served.draft_model):
+            if m is not None:
+                release_program(m.net.decoder)
+        gc.collect()
+        mx.clear_cache()
+        log.info("unloaded %s", served.name)
+        self.metrics.loaded.set(len(self._hosts))
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop taking jobs, cancel the running ones and those waiting, and end the thread."""
@@ -131,95 +243,129 @@ class Worker:
 
     @property
     def waiting(self) -> int:
-        return self._queue.qsize()
+        return self._queue.qsize() + sum(len(h.waiting) for h in list(self._hosts.values()))
 
     @property
     def running(self) -> int:
         return len(self._running)
 
+    def _check_open(self) -> None:
+        if self._closing.is_set() or not self._thread.is_alive():
+            raise APIError(503, "the server is shutting down: try again later",
+                           code="unavailable")
+
+    def _free_rows(self, served: ServedModel | None) -> int:
+        host = self._hosts.get(id(served))
+        if host is None:
+            return self.options.max_batch or 1
+        running = sum(1 for g in list(self._running.values()) if g.job.served is served)
+        return max(0, host.max_batch - running)
+
     # ---- the thread -------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        model = self.pool.model
-        batch = None
-        if self.pool.draft_model is None:
-            batch = Batch(model, self.max_batch, dense_weights=self.dense_batch)
+        more = True
         try:
             while True:
-                more = self._admit(batch)
-                if batch is not None and not batch.idle:
-                    self._step(batch)  # cancelled streams too: they end properly
-                elif not more:
+                more = self._take(block=more and not self._busy) and more
+                self._deferred = [c for c in self._deferred if not c.run()]
+                stepped = False
+                for host in list(self._hosts.values()):
+                    self._admit(host)
+                    if host.batch is not None and not host.batch.idle:
+                        self._step(host)  # cancelled streams too: they end properly
+                        stepped = True
+                if not more and not stepped:
                     break
+                self._expire()
         finally:
-            if batch is not None:
-                self._fail_all(batch, APIError(503, "the server is shutting down",
-                                               code="unavailable"))
-            while not self._queue.empty():  # refuse whatever is still waiting
-                if (job := self._queue.get_nowait()) is not None:
-                    job.emit(Failed(APIError(503, "the server is shutting down",
-                                             code="unavailable")))
-            for m in (self.pool.model, self.pool.draft_model):
-                if m is not None:
-                    release_program(m.net.decoder)
+            self._shut_down()
 
-    def _admit(self, batch: Batch | None) -> bool:
-        """Take waiting jobs while there is room (waiting for one when nothing runs). False
-        when the worker is to end."""
-        while batch is None or not batch.full:
-            idle = batch is None or batch.idle
+    def _expire(self) -> None:
+        for served in self.expired():
             try:
-                job = self._queue.get(timeout=IDLE_POLL_S) if idle else self._queue.get_nowait()
+                self.unload(served)
+            except Exception:  # a bug: the model is out of the registry; keep serving
+                log.exception("unloading %s failed", served.name)
+
+    @property
+    def _busy(self) -> bool:
+        return any(h.busy for h in self._hosts.values())
+
+    def _take(self, block: bool) -> bool:
+        """Move what was submitted to the models' hosts, running calls as they come (waiting
+        a moment when nothing else is to be done). False once the worker is to end."""
+        while True:
+            try:
+                item = self._queue.get(timeout=IDLE_POLL_S) if block else self._queue.get_nowait()
             except queue.Empty:
-                if idle and self._closing.is_set():
-                    return False
-                return True
-            self.metrics.queue_depth.set(self._queue.qsize())
-            if job is None:
+                return not (block and self._closing.is_set())
+            block = False
+            self.metrics.queue_depth.set(self.waiting)
+            if item is None:
                 return False
+            if isinstance(item, Call):
+                if self._closing.is_set():
+                    item.fail(APIError(503, "the server is shutting down", code="unavailable"))
+                elif not item.run():
+                    self._deferred.append(item)
+                continue
             if self._closing.is_set():
-                job.cancel()
+                item.cancel()
+            if item.cancelled.is_set():
+                item.emit(Failed(APIError(503, "cancelled before it started")))
+                continue
+            host = self._host(item.served)
+            if host.batch is None:
+                self._run_alone(host, item)
+            else:
+                host.waiting.append(item)
+
+    def _host(self, served: ServedModel) -> Host:
+        host = self._hosts.get(id(served))
+        if host is None:
+            host = self._hosts[id(served)] = Host(served, self.options)
+            self.metrics.loaded.set(len(self._hosts))
+        return host
+
+    def _admit(self, host: Host) -> None:
+        """Start waiting jobs while the model's batch has free rows."""
+        while host.waiting and not host.batch.full:
+            job = host.waiting.popleft()
             if job.cancelled.is_set():
                 job.emit(Failed(APIError(503, "cancelled before it started")))
                 continue
-            if batch is None:
-                self._run_alone(job)
-                continue
-            self._start(batch, job)
-        return True
+            self._start(host, job)
+        self.metrics.queue_depth.set(self.waiting)
 
-    def _start(self, batch: Batch, job: Job) -> None:
+    def _start(self, host: Host, job: Job) -> None:
         request = job.request
-        session, _ = self.pool.checkout(request.prompt)
+        session, _ = host.pool.checkout(request.prompt)
         try:
             generation = Generation(job, session)
+            stream = Stream(request.prompt, request.settings, session,
+                            should_stop=generation.should_stop, logprobs=request.logprobs,
+                            constraint=generation.constraint,
+                            context_limit=host.served.context_limit)
+            host.batch.add(stream)
         except GemmaError as e:
-            self.pool.checkin(session)
-            job.emit(Failed(from_library(e)))
-            return
-        stream = Stream(request.prompt, request.settings, session,
-                        should_stop=generation.should_stop, logprobs=request.logprobs,
-                        constraint=generation.constraint, context_limit=self.context_limit)
-        try:
-            batch.add(stream)
-        except GemmaError as e:
-            self.pool.checkin(session)
+            host.pool.checkin(session)
             job.emit(Failed(from_library(e)))
             return
         except Exception as e:
-            self.pool.checkin(session)
+            host.pool.checkin(session)
             log.exception("could not start a generation")
             job.emit(Failed(APIError(500, f"generation failed: {type(e).__name__}: {e}")))
             return
         self._running[id(stream)] = generation
         self.metrics.running.set(len(self._running))
 
-    def _step(self, batch: Batch) -> None:
+    def _step(self, host: Host) -> None:
         try:
-            chunks = batch.step()
+            chunks = host.batch.step()
         except Exception as e:  # a bug, not a client's: fail this batch, keep serving
             log.exception("the batched step failed")
-            self._fail_all(batch, APIError(500, f"generation failed: {type(e).__name__}: {e}"))
+            self._fail_all(host, APIError(500, f"generation failed: {type(e).__name__}: {e}"))
             return
         for stream, chunk in chunks:
             generation = self._running.get(id(stream))
@@ -227,30 +373,49 @@ class Worker:
                 continue
             generation.on_chunk(chunk)
             if chunk.finish_reason is not None:
-                self._finish(id(stream), generation, chunk)
-        self.metrics.longest_gap.set(batch.longest_gap)
+                self._finish(host, id(stream), generation, chunk)
+        self.metrics.longest_gap.set(host.batch.longest_gap)
 
-    def _finish(self, key: int, generation: Generation, chunk: Chunk) -> None:
+    def _finish(self, host: Host, key: int, generation: Generation, chunk: Chunk) -> None:
         done = generation.done(chunk)
         del self._running[key]
-        self.pool.checkin(generation.session)
+        host.pool.checkin(generation.session)
         self.metrics.record(done, chunk.stats)
         self.metrics.running.set(len(self._running))
-        self.metrics.cache_bytes.set(self.pool.nbytes)
-        self.metrics.images_encoded.set(self.pool.features.encoded)
+        self.metrics.cache_bytes.set(sum(h.pool.nbytes for h in self._hosts.values()))
+        self.metrics.images_encoded.set(sum(h.pool.features.encoded
+                                            for h in self._hosts.values()))
         generation.job.emit(done)
 
-    def _fail_all(self, batch: Batch, error: APIError) -> None:
-        batch.close()
-        for generation in self._running.values():
-            self.pool.checkin(generation.session)
-            generation.job.emit(Failed(error))
-        self._running.clear()
-        self.metrics.running.set(0)
+    def _fail_all(self, host: Host, error: APIError) -> None:
+        if host.batch is not None:
+            host.batch.close()
+        for key, generation in list(self._running.items()):
+            if generation.job.served is host.served:
+                host.pool.checkin(generation.session)
+                generation.job.emit(Failed(error))
+                del self._running[key]
+        while host.waiting:
+            host.waiting.popleft().emit(Failed(error))
+        self.metrics.running.set(len(self._running))
 
-    def _run_alone(self, job: Job) -> None:
+    def _shut_down(self) -> None:
+        error = APIError(503, "the server is shutting down", code="unavailable")
+        for host in list(self._hosts.values()):
+            self._fail_all(host, error)
+            host.close()
+        for call in self._deferred:
+            call.fail(error)
+        while not self._queue.empty():  # refuse whatever is still waiting
+            item = self._queue.get_nowait()
+            if isinstance(item, Job):
+                item.emit(Failed(error))
+            elif isinstance(item, Call):
+                item.fail(error)
+
+    def _run_alone(self, host: Host, job: Job) -> None:
         """One job, start to end: speculative decoding, which does not batch."""
-        session, _ = self.pool.checkout(job.request.prompt)
+        session, _ = host.pool.checkout(job.request.prompt)
         request = job.request
         try:
             generation = Generation(job, session)
@@ -261,16 +426,16 @@ class Worker:
                 extra["constraint"] = generation.constraint
             chunks = session.stream(request.prompt, request.settings,
                                     should_stop=generation.should_stop,
-                                    context_limit=self.context_limit, **extra)
+                                    context_limit=host.served.context_limit, **extra)
             for chunk in chunks:
                 generation.on_chunk(chunk)
-            self._finish(id(job), generation, chunk)
+            self._finish(host, id(job), generation, chunk)
         except GemmaError as e:
             self._running.pop(id(job), None)
-            self.pool.checkin(session)
+            host.pool.checkin(session)
             job.emit(Failed(from_library(e)))
         except Exception as e:
             self._running.pop(id(job), None)
-            self.pool.checkin(session)
+            host.pool.checkin(session)
             log.exception("generation failed")
             job.emit(Failed(APIError(500, f"generation failed: {type(e).__name__}: {e}")))
