@@ -14,6 +14,7 @@ from PIL import Image
 from gemma_mlx.errors import BadImage, BadRequest
 from gemma_mlx.prompt import Prompt
 from gemma_mlx.server import remote_images
+from gemma_mlx.server.errors import APIError
 from gemma_mlx.server.pool import SessionPool
 from gemma_mlx.server.remote_images import ImageFetcher, decode_data_url, is_public
 from gemma_mlx.stopping import StopStrings
@@ -194,3 +195,65 @@ def test_the_server_package_does_not_need_mlx_in_its_handlers():
     for name in ("openai_api.py", "ollama_api.py", "app.py", "render.py", "responses.py",
                  "jobs.py", "remote_images.py", "errors.py"):
         assert "mlx.core" not in (root / name).read_text(), name
+
+
+# ---- which models stay loaded (registry.py) ----------------------------------------------------
+
+def test_keep_alive_durations_read_as_ollama_writes_them():
+    from gemma_mlx.server.registry import FOREVER, parse_keep_alive
+
+    assert parse_keep_alive("5m") == 300 and parse_keep_alive("1h30m") == 5400
+    assert parse_keep_alive("300ms") == pytest.approx(0.3) and parse_keep_alive(45) == 45
+    assert parse_keep_alive("0") == 0 and parse_keep_alive(None) is None
+    assert parse_keep_alive(-1) == FOREVER and parse_keep_alive("-5m") == FOREVER
+    for bad in ("soon", "5 m", "m", ""):
+        with pytest.raises(BadRequest, match="is not a duration"):
+            parse_keep_alive(bad)
+
+
+def _registry(max_loaded: int, max_memory: int):
+    from gemma_mlx.server.registry import Catalog, ModelRegistry, Servable, ServedModel
+
+    registry = ModelRegistry(Catalog([]), None, keep_alive=60, max_loaded=max_loaded,
+                             max_memory=max_memory)
+    unloaded = []
+    registry.unloader = unloaded.append
+
+    def loaded(name: str, size: int, claims: int = 0, used: float = 0.0) -> ServedModel:
+        served = ServedModel(Servable(name, [name], Path(name), size), None, 512, 0, size,
+                             claims=claims, last_used=used)
+        registry.add(served)
+        return served
+
+    return registry, loaded, unloaded, lambda name, size: Servable(name, [name], Path(name),
+                                                                    size)
+
+
+def test_room_is_made_by_unloading_the_least_recently_used_idle_model():
+    from gemma_mlx.server.registry import NotYet
+
+    registry, loaded, unloaded, entry = _registry(max_loaded=3, max_memory=100)
+    old, recent, busy = loaded("old", 40, used=1), loaded("recent", 30, used=2), \
+        loaded("busy", 20, claims=1, used=0)
+    registry.make_room(entry("small", 10))  # fits: 90 + 10, but 4 models > 3
+    assert unloaded == [old]
+    registry.make_room(entry("big", 70))  # 50 + 70 > 100: the idle one goes, then fits
+    assert unloaded == [old, recent]
+    registry.release(busy)
+    assert busy.claims == 0 and busy.expires_at > 0
+    with pytest.raises(APIError) as error:
+        registry.make_room(entry("huge", 101))
+    assert error.value.status == 503 and "--max-memory" in error.value.message
+    registry, loaded, unloaded, entry = _registry(max_loaded=1, max_memory=100)
+    loaded("in-use", 10, claims=1)
+    with pytest.raises(NotYet):  # the load waits for the model in use
+        registry.make_room(entry("next", 10))
+    assert unloaded == []
+
+
+def test_expired_models_are_only_idle_ones_past_their_time():
+    registry, loaded, _, _ = _registry(max_loaded=3, max_memory=100)
+    idle, busy = loaded("idle", 1), loaded("busy", 1, claims=1)
+    idle.expires_at = busy.expires_at = 0.0
+    assert registry.expired() == [idle]
+    assert registry.loaded() == [busy]
