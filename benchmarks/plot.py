@@ -10,6 +10,8 @@ The kind of plot follows the JSON's `benchmark` field:
     followup_ttft        time to first token per turn against conversation length: ours with
                          KV-cache reuse, and re-prefilling the whole conversation (ours, mlx-lm)
     conversation_memory  peak memory per turn against weights + KV cache, and their ratio
+    concurrency          aggregate decode tok/s against streams (`bench --concurrency`'s JSON),
+                         gemma-mlx and mlx-lm's BatchGenerator
 
 Without arguments: for each kind, benchmarks/results/h100_<kind>.json if it exists (else
 cpu_<kind>.json) is drawn to benchmarks/<kind>.png.
@@ -22,7 +24,7 @@ import json
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-KINDS = ("decode_vs_context", "followup_ttft", "conversation_memory")
+KINDS = ("decode_vs_context", "followup_ttft", "conversation_memory", "concurrency")
 
 
 def title(report: dict, what: str) -> str:
@@ -84,8 +86,24 @@ def plot_conversation_memory(report: dict, ax) -> None:
     ax.set_title(title(report, f"Conversation memory{ratio}"))
 
 
+def plot_concurrency(report: dict, ax) -> None:
+    rows = report["concurrency"]
+    streams = [r["streams"] for r in rows]
+    for side, label, color in (("ours", "gemma-mlx", "C0"), ("peer", report["peer"], "C1")):
+        if rows and rows[0].get(side):
+            ax.plot(streams, [r[side]["aggregate_decode_tps"] for r in rows], "o-", color=color,
+                    label=f"{label} (median of {report['repeats']})")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(streams, [str(n) for n in streams])
+    ax.set_xlabel("streams decoded together")
+    ax.set_ylabel("aggregate decode tok/s")
+    dense = ", dense batch weights" if report.get("dense_batch") else ""
+    ax.set_title(title(report, f"Continuous batching: {report['prompt_tokens']}-token prompts, "
+                               f"{report['gen_tokens']} generated each{dense}"), fontsize=9)
+
+
 PLOTS = {"decode_vs_context": plot_decode_vs_context, "followup_ttft": plot_followup_ttft,
-         "conversation_memory": plot_conversation_memory}
+         "conversation_memory": plot_conversation_memory, "concurrency": plot_concurrency}
 
 
 def draw(source: Path, out: Path) -> None:
@@ -95,7 +113,7 @@ def draw(source: Path, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     report = json.loads(source.read_text())
-    kind = report.get("benchmark")
+    kind = report.get("benchmark") or ("concurrency" if "concurrency" in report else None)
     if kind not in PLOTS:
         raise SystemExit(f"{source}: not a result of {', '.join(KINDS)} (benchmark: {kind})")
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -120,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
             draw(source, args.out or source.with_suffix(".png"))
         return
     for kind in KINDS:
-        for machine in ("h100", "cpu"):
+        for machine in ("h100", "h200", "cpu"):
             source = HERE / "results" / f"{machine}_{kind}.json"
             if source.exists():
                 draw(source, HERE / f"{kind}.png")

@@ -29,9 +29,6 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.cache import QuantizedKVCache, RotatingKVCache
 from mlx_lm.sample_utils import (
-    apply_min_p,
-    apply_top_k,
-    apply_top_p,
     make_logits_processors,
 )
 
@@ -51,28 +48,24 @@ from .model.decode import (
     decode_program,
 )
 from .prompt import Prompt
+from .sampling import make_sampler
 from .session import Session
 
 BATCH_PREFILL_CHUNK = 512  # tokens of a newcomer's prompt per step of the running streams
 
 
 class RowSampler:
-    """One stream's sampling, as mlx-lm's sampler does it (the same filters, in order), but
-    with the stream's own random key when it has a seed: the key sequence `mx.random.seed`
-    gives a solo run, so a seeded stream draws the same in a batch as alone."""
+    """One stream's sampling, as the engine's sampler does it (sampling.py), but with the
+    stream's own random key when it has a seed: the key sequence `mx.random.seed` gives a solo
+    run, so a seeded stream draws the same in a batch as alone."""
 
     def __init__(self, settings: SamplingSettings, prompt: Sequence[int]):
         self.temp = settings.temp
         self.key = mx.random.key(settings.seed) if settings.seed is not None else None
         self.processors = make_logits_processors(repetition_penalty=settings.repetition_penalty)
         self.history = mx.array(list(prompt)) if self.processors else None
-        self.filters: list[Callable[[mx.array], mx.array]] = []
-        if 0 < settings.top_p < 1.0:
-            self.filters.append(lambda x: apply_top_p(x, settings.top_p))
-        if settings.min_p != 0.0:
-            self.filters.append(lambda x: apply_min_p(x, settings.min_p))
-        if settings.top_k > 0:
-            self.filters.append(lambda x: apply_top_k(x, settings.top_k))
+        self.sample = make_sampler(settings.temp, settings.top_p, settings.min_p,
+                                   settings.top_k)
 
     @property
     def plain_greedy(self) -> bool:
@@ -84,15 +77,10 @@ class RowSampler:
         for processor in self.processors:
             logits = processor(self.history, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        if self.temp == 0:
-            token = mx.argmax(logprobs, axis=-1)
-        else:
-            for f in self.filters:
-                logprobs = f(logprobs)
-            key = None
-            if self.key is not None:
-                self.key, key = mx.random.split(self.key)
-            token = mx.random.categorical(logprobs * (1 / self.temp), key=key)
+        key = None
+        if self.temp != 0 and self.key is not None:
+            self.key, key = mx.random.split(self.key)
+        token = self.sample(logprobs, key)
         if self.processors:
             self.history = mx.concatenate([self.history, token])
         return token

@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 from mlx_lm.generate import wired_limit
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from mlx_lm.sample_utils import make_logits_processors
 
 from .errors import BadRequest, ContextOverflow
 from .loading import Model
 from .model.decode import compiled_decode
+from .sampling import make_sampler
 
 if TYPE_CHECKING:
     from .constrain import Constraint
@@ -225,7 +226,7 @@ def generate_tokens(model: Model, prompt: Sequence[int], cache: list,
     logits to the tokens its grammar allows (logprobs stay the model's own, before the mask)."""
     if settings.seed is not None:
         mx.random.seed(settings.seed)
-    sampler = make_sampler(settings.temp, settings.top_p, settings.min_p, top_k=settings.top_k)
+    sampler = make_sampler(settings.temp, settings.top_p, settings.min_p, settings.top_k)
     processors = make_logits_processors(repetition_penalty=settings.repetition_penalty)
     history = mx.array(prompt)
 

@@ -6,7 +6,7 @@ Sampling: drawn from the same distribution, by the speculative sampling rule (Le
 2023; Chen et al. 2023): a drafted token x is kept with probability min(1, p(x) / q(x)) and the
 first one refused is replaced by a draw from max(p - q, 0), renormalised, where p and q are the
 target's and the draft's distributions after the same logits processors, filters (top-p, min-p,
-top-k) and temperature as mlx-lm's sampler applies, built from mlx-lm's own pieces. (mlx-lm's
+top-k) and temperature as the engine's sampler applies (sampling.py, mlx-lm's filters). (mlx-lm's
 `speculative_generate_step` keeps a drafted token only where the target's own sample equals it:
 also exact, but it keeps fewer, about sum(p q) per token instead of sum(min(p, q)); the same
 where both are greedy.)
@@ -36,18 +36,13 @@ from typing import Any
 
 import mlx.core as mx
 from mlx_lm.models.cache import RotatingKVCache
-from mlx_lm.sample_utils import (
-    apply_min_p,
-    apply_top_k,
-    apply_top_p,
-    make_logits_processors,
-    make_sampler,
-)
+from mlx_lm.sample_utils import make_logits_processors
 
 from .engine import SamplingSettings, Stats, prefill
 from .errors import BadRequest
 from .loading import Model
 from .model.decode import compiled_decode
+from .sampling import distribution, make_sampler
 
 DEFAULT_NUM_DRAFT_TOKENS = 3
 MAX_NUM_DRAFT_TOKENS = 64
@@ -274,16 +269,9 @@ class Rule:
         self.greedy = settings.temp == 0
         self.temp = settings.temp
         self.processors = make_logits_processors(repetition_penalty=settings.repetition_penalty)
+        self.settings = settings
         self.sampler = make_sampler(settings.temp, settings.top_p, settings.min_p,
-                                    top_k=settings.top_k)
-        # mlx-lm's make_sampler filters in this order, then samples softmax(logprobs / temp).
-        self.filters: list[Callable[[mx.array], mx.array]] = []
-        if 0 < settings.top_p < 1.0:
-            self.filters.append(lambda x: apply_top_p(x, settings.top_p))
-        if settings.min_p != 0.0:
-            self.filters.append(lambda x: apply_min_p(x, settings.min_p))
-        if settings.top_k > 0:
-            self.filters.append(lambda x: apply_top_k(x, settings.top_k))
+                                    settings.top_k)
 
     def logprobs(self, logits: mx.array, history: Sequence) -> mx.array:
         """Processed, normalised logits [vocab] after `history`: ints, then token arrays."""
@@ -299,9 +287,8 @@ class Rule:
 
     def distribution(self, logprobs: mx.array) -> mx.array:
         """The sampler's distribution [..., vocab] (float32)."""
-        for f in self.filters:
-            logprobs = f(logprobs)
-        return mx.softmax(logprobs.astype(mx.float32) * (1.0 / self.temp), axis=-1)
+        s = self.settings
+        return distribution(logprobs, s.temp, s.top_p, s.min_p, s.top_k)
 
     def draw(self, logits: mx.array, history: Sequence) -> tuple[mx.array, mx.array | None]:
         """The draft's token [] and its distribution q [vocab] (None when greedy)."""
