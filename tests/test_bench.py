@@ -268,3 +268,21 @@ def test_bad_json_schema_options_are_one_line_errors(capsys, tmp_path, args, fra
     assert cli.main([*TINY, *args]) == 1
     err = capsys.readouterr().err
     assert fragment in err and len(err.strip().splitlines()) == 1
+
+
+def test_concurrency_reports_every_figure_for_both_sides(capsys):
+    assert cli.main(["bench", "--random", "tiny", "--concurrency", "1,3", "--prompt-tokens",
+                     "12", "--gen-tokens", "5", "--repeats", "1", "--compare", "mlx-lm",
+                     "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["peer"] == "mlx-lm BatchGenerator"
+    assert [e["streams"] for e in report["concurrency"]] == [1, 3]
+    for entry in report["concurrency"]:
+        for side in ("ours", "peer"):
+            figures = entry[side]
+            assert set(figures) == {"aggregate_decode_tps", "throughput_tps",
+                                    "per_stream_decode_tps", "ttft_p50_s", "ttft_p95_s",
+                                    "peak_memory_bytes"}
+            assert all(v > 0 for v in figures.values()), (side, figures)
+            assert figures["ttft_p50_s"] <= figures["ttft_p95_s"]
+        assert all(v > 0 for v in entry["ratio"].values())
