@@ -137,6 +137,24 @@ def test_a_follow_up_reuses_the_cached_prefix_and_its_images(client, server, nam
     assert server.metric("gemma_mlx_prefix_cache_hits") >= 1
 
 
+def test_a_conversation_sent_back_is_read_as_chat_reads_it(client, name, tiny_model):
+    """A reply the server gave, sent back in the conversation, is read as the ids it generated
+    (as Chat replays its own replies): the follow-up equals Chat's, and the server prefills
+    only the new turn, however the reply's text would tokenize again."""
+    chat = gemma_mlx.Chat(tiny_model, temp=0, max_tokens=GREEDY["max_tokens"])
+    replies = [chat.send("Tell me a story."), chat.send("And then?")]
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    one = client.chat.completions.create(model=name, messages=messages, **GREEDY)
+    assert one.choices[0].message.content == replies[0]
+    messages += [{"role": "assistant", "content": replies[0]},
+                 {"role": "user", "content": "And then?"}]
+    two = client.chat.completions.create(model=name, messages=messages, **GREEDY)
+    assert two.choices[0].message.content == replies[1]
+    # all but the reply's last token, which no step read, came from the cache
+    reused = one.usage.prompt_tokens + one.usage.completion_tokens - 1
+    assert two.usage.prompt_tokens_details.cached_tokens >= reused
+
+
 def test_logprobs_are_the_models_own(client, name):
     reply = client.chat.completions.create(
         model=name, messages=[{"role": "user", "content": "Hello"}], logprobs=True,
@@ -460,6 +478,20 @@ def test_completions_equal_the_cli_raw(server_270m):
         model="gemma3:270m", prompt=prompt, raw=True, stream=False,
         options={"temperature": 0, "num_predict": 8})
     assert generated.response == expected
+
+
+def test_a_prompt_that_continues_a_completion_reuses_all_of_it(server_270m):
+    """A raw prompt made of an earlier prompt, its completion and more text is read with the
+    completion's own ids: only the new text is prefilled."""
+    client = openai.OpenAI(base_url=server_270m.v1, api_key="unused", max_retries=0,
+                           timeout=300)
+    prompt = "A list of rivers: the Nile,"
+    one = client.completions.create(model="270m", prompt=prompt, max_tokens=6, temperature=0)
+    more = prompt + one.choices[0].text + " and"
+    two = client.completions.create(model="270m", prompt=more, max_tokens=2, temperature=0)
+    reused = one.usage.prompt_tokens + one.usage.completion_tokens - 1
+    assert two.usage.prompt_tokens_details.cached_tokens >= reused
+    assert two.usage.prompt_tokens == one.usage.prompt_tokens + one.usage.completion_tokens + 1
 
 
 def test_a_base_model_refuses_chat_and_points_to_completions(server_270m):

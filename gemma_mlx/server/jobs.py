@@ -28,6 +28,10 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # None: none; 0: the chosen token's; n: also the n likeliest
     reply_format: ReplyFormat | None = None  # tools (calls parsed and constrained) or a schema
+    # How the reply's ids are remembered (replies.py): as a chat turn ("turn": by its text, as
+    # the template trims it), or as the continuation of `raw_prompt` ("completion").
+    remember: str | None = None
+    raw_prompt: str = ""
 
     @property
     def parses_calls(self) -> bool:
@@ -69,6 +73,7 @@ class Done:
     decode_seconds: float
     text: str = ""  # the whole reply's content (without its calls)
     tool_calls: list[ToolCall] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)  # the generated ids (not the stop token)
 
 
 @dataclass

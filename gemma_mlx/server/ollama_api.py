@@ -38,7 +38,7 @@ from gemma_mlx.tools import gemma_messages
 from .errors import APIError, unsupported
 from .jobs import Claim, Done, Failed, GenerationRequest, Job, TokenInfo
 from .registry import Servable, ServedModel, iso_time, parse_keep_alive
-from .render import chat_prompt, completion_prompt, sampling
+from .render import chat_prompt, completion_prompt, raw_text, sampling
 from .responses import first_event, until_done
 from .state import ServerState
 
@@ -208,7 +208,7 @@ async def chat(body: ChatRequest, request: Request):
                                          state.options.pan_and_scan)
         settings, stops = body.settings(claim.served, prompt)
         generation = GenerationRequest(prompt, settings, stops, body.top,
-                                       _constrained(reply_format))
+                                       _constrained(reply_format), remember="turn")
         return await _respond(state, claim, request, body, generation, chat=True)
 
 
@@ -224,11 +224,14 @@ async def generate(body: GenerateRequest, request: Request):
         return await _load_or_unload(state, body.model, keep, {"response": ""})
     async with state.claim(body.model, keep) as claim:
         served = claim.served
+        remember = {}
         if body.raw or not served.has_chat_template:
             if body.images:
                 raise APIError(400, "images need the chat template: leave out raw", param="raw")
             prompt = await run_in_threadpool(completion_prompt, served, body.prompt,
                                              body.system)
+            remember = {"remember": "completion",
+                        "raw_prompt": raw_text(body.prompt, body.system)}
         else:
             turns = [{"role": "system", "content": body.system}] if body.system else []
             user = OllamaMessage(role="user", content=body.prompt, images=body.images)
@@ -237,7 +240,7 @@ async def generate(body: GenerateRequest, request: Request):
                                              state.options.pan_and_scan)
         settings, stops = body.settings(served, prompt)
         generation = GenerationRequest(prompt, settings, stops, body.top,
-                                       _constrained(reply_format))
+                                       _constrained(reply_format), **remember)
         return await _respond(state, claim, request, body, generation, chat=False)
 
 

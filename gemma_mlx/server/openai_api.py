@@ -25,7 +25,7 @@ from gemma_mlx.tools import gemma_messages
 
 from .errors import APIError, unsupported
 from .jobs import Claim, Delta, Done, Failed, GenerationRequest, Job, TokenInfo
-from .render import chat_prompt, completion_prompt, load_images, sampling
+from .render import chat_prompt, completion_prompt, load_images, raw_text, sampling
 from .responses import first_event, until_done
 from .state import ServerState
 
@@ -153,7 +153,8 @@ async def chat_completions(body: ChatRequest, request: Request):
         generation = GenerationRequest(prompt, settings, body.stops,
                                        (top or 0) if body.logprobs else None,
                                        reply_format if reply_format.grammar is not None
-                                       or reply_format.prompted_tools else None)
+                                       or reply_format.prompted_tools else None,
+                                       remember="turn")
         return await _respond(state, claim, request, body, generation, Chat())
 
 
@@ -174,7 +175,8 @@ async def completions(body: CompletionRequest, request: Request):
         prompt = await run_in_threadpool(completion_prompt, claim.served, text)
         settings = sampling(claim.served, prompt, body.max_tokens or 16,
                             **body.sampling_options())
-        generation = GenerationRequest(prompt, settings, body.stops, body.logprobs)
+        generation = GenerationRequest(prompt, settings, body.stops, body.logprobs,
+                                       remember="completion", raw_prompt=raw_text(text))
         return await _respond(state, claim, request, body, generation, Completion())
 
 

@@ -34,6 +34,7 @@ from gemma_mlx.errors import BadRequest, GemmaError
 from gemma_mlx.hub import ALIASES, MODEL_NAMES, PYPI_270M, _looks_like_repo_id
 
 from .errors import APIError, from_library
+from .replies import ReplyMemory
 
 FOREVER = math.inf
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
@@ -107,6 +108,7 @@ class ServedModel:
     claims: int = 0  # requests using it now
     expires_at: float = FOREVER  # when it goes, once idle
     last_used: float = field(default_factory=time.monotonic)
+    replies: ReplyMemory = field(default_factory=ReplyMemory)  # its replies' ids by text
 
     @property
     def name(self) -> str:

@@ -19,6 +19,7 @@ from gemma_mlx.prompt import START_OF_IMAGE, Prompt, build_prompt
 
 from .errors import APIError
 from .registry import ServedModel
+from .replies import continued
 from .state import ServerState
 
 
@@ -42,14 +43,32 @@ def chat_prompt(served: ServedModel, messages: Sequence[dict[str, Any]],
     if turns[-1]["role"] == "assistant":
         raise APIError(400, "the last message is the assistant's: end with a user message",
                        param="messages")
-    return build_prompt(model.tokenizer, turns, image_tokens(model), pan_and_scan)
+    return build_prompt(model.tokenizer, [_replayed(served, t) for t in turns],
+                        image_tokens(model), pan_and_scan)
+
+
+def _replayed(served: ServedModel, turn: dict[str, Any]) -> dict[str, Any]:
+    """A reply the model gave, as the ids it generated (replies.py)."""
+    if turn["role"] != "assistant" or not isinstance(turn["content"], str):
+        return turn
+    ids = served.replies.recall(turn["content"].strip())
+    return turn if ids is None else {**turn, "token_ids": ids}
 
 
 def completion_prompt(served: ServedModel, text: str, system: str | None = None) -> Prompt:
-    """Raw text, tokenized as the CLI's --raw does (with <bos>)."""
+    """Raw text, tokenized as the CLI's --raw does (with <bos>); a prompt that continues one
+    of the model's completions (its prompt and reply) keeps their ids (replies.py)."""
     if START_OF_IMAGE in text:
         raise BadRequest(f"the prompt contains the reserved token {START_OF_IMAGE}")
-    return Prompt(prompt_ids(served.model, text, system, raw=True))
+    tokenizer = served.model.tokenizer
+    ids = continued(served.replies, raw_text(text, system),
+                    lambda rest: tokenizer.encode(rest, add_special_tokens=False))
+    return Prompt(ids if ids is not None else prompt_ids(served.model, text, system, raw=True))
+
+
+def raw_text(text: str, system: str | None = None) -> str:
+    """The text a raw prompt reads (as `prompt_ids` puts the system prompt in front)."""
+    return (f"{system}\n\n" if system else "") + text
 
 
 def merge_system(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -93,7 +93,19 @@ class Generation:
         decode = max(time.perf_counter() - self.started - stats.prompt_seconds, 0.0)
         return Done(finish, len(self.job.request.prompt.ids), len(chunk.tokens),
                     self.session.cached_tokens, stats.prompt_seconds, decode, "".join(self.parts),
-                    calls)
+                    calls, list(chunk.tokens))
+
+    def remember(self, done: Done) -> None:
+        """Keep the reply's ids by its text, if they read back as exactly that text."""
+        request = self.job.request
+        if request.remember is None or done.tool_calls or not done.text.strip() \
+                or self.tokenizer.decode(done.tokens) != done.text:
+            return
+        memory = self.job.served.replies
+        if request.remember == "turn":
+            memory.remember(done.text.strip(), done.tokens)
+        else:
+            memory.remember(request.raw_prompt + done.text, request.prompt.ids + done.tokens)
 
 
 @dataclass
@@ -378,6 +390,7 @@ class Worker:
 
     def _finish(self, host: Host, key: int, generation: Generation, chunk: Chunk) -> None:
         done = generation.done(chunk)
+        generation.remember(done)
         del self._running[key]
         host.pool.checkin(generation.session)
         self.metrics.record(done, chunk.stats)
