@@ -8,6 +8,7 @@ is one line and a non-zero exit code, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -55,7 +56,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if lost is None:
             raise
         print(f"error: {lost}", file=sys.stderr)
-        return EXIT_ERROR
+        from .watchdog import Watchdog
+
+        sys.stdout.flush()
+        Watchdog.release()
+        os._exit(EXIT_ERROR)  # MLX's streams stay blocked on the lost rank: exiting would hang
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # more Ctrl-C while exiting change nothing
         print("\ninterrupted", file=sys.stderr)
@@ -215,10 +220,13 @@ def answer(args: argparse.Namespace, interrupt: Interrupt) -> int:
     distributed = distributed_options(args)
     if not distributed:
         return answer_here(args, interrupt, {})
-    from .distributed import start_group
+    from .distributed import JOIN_TIMEOUT_S, start_group
     from .lockstep import follow, leading
+    from .watchdog import supervise
 
-    group = start_group(distributed.get("join_timeout", 60.0))
+    timeout = distributed.get("join_timeout", JOIN_TIMEOUT_S)
+    supervise(timeout)  # a rank that never joins, or dies, ends this one with one line
+    group = start_group(timeout)
     if group.rank() != 0:
         from .loading import load
 

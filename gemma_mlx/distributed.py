@@ -27,11 +27,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +40,7 @@ from .config import ModelConfig, TextConfig
 from .errors import BadSplit, RankUnavailable
 from .model.gemma3 import Gemma3
 from .model.text import Block, TextDecoder
+from .watchdog import Watchdog
 
 MODES = ("tensor", "pipeline")
 JOIN_TIMEOUT_S = 60.0  # how long a rank waits for the others to start
@@ -52,31 +50,16 @@ _group: Any = None  # the group of this process, started once
 
 # ---- starting the group ---------------------------------------------------------------------
 
-_WATCHDOG = """
-import os, select, signal, sys
-parent, timeout, message = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
-if not select.select([sys.stdin], [], [], timeout)[0]:
-    sys.stderr.write(message + "\\n")
-    sys.stderr.flush()
-    os.kill(parent, signal.SIGTERM)
-"""
-
-
 def start_group(timeout: float = JOIN_TIMEOUT_S) -> Any:
     """The group of every rank (`mx.distributed.init`), started once per process.
 
     MLX's start blocks, holding Python's lock, until every rank has connected: a rank that
-    never comes would hang the others for ever. So a watchdog process ends this one with one
-    clear line when the group has not formed within `timeout` seconds."""
+    never comes would hang the others for ever. So a watchdog process (watchdog.py) ends this
+    one with one clear line when the group has not formed within `timeout` seconds."""
     global _group
     if _group is not None:
         return _group
-    message = (f"error: the other ranks did not join within {timeout:g} s: start the same "
-               "command on every host (mlx.launch --hostfile HOSTS.json -- python -m "
-               "gemma_mlx ...), and check that each host reaches the addresses in the hostfile")
-    watchdog = subprocess.Popen(
-        [sys.executable, "-I", "-S", "-c", _WATCHDOG, str(os.getpid()), str(timeout), message],
-        stdin=subprocess.PIPE)
+    watchdog = Watchdog.start(timeout)
     try:
         group = mx.distributed.init(strict=True)
         mx.eval(mx.distributed.all_sum(mx.array(1), group=group))  # everyone is there
@@ -86,8 +69,7 @@ def start_group(timeout: float = JOIN_TIMEOUT_S) -> Any:
             "mlx.launch --hostfile HOSTS.json -- python -m gemma_mlx --distributed tensor "
             "...") from e
     finally:
-        watchdog.stdin.close()
-        watchdog.wait()
+        watchdog.joined()
     _group = group
     return group
 
@@ -109,7 +91,7 @@ def lost_rank(error: BaseException) -> RankUnavailable | None:
 
 # ---- the plan: what this rank holds ---------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass
 class Sharding:
     """This rank's part of the model: `mode` "tensor" or "pipeline", the group, and for a
     pipeline the global indices of the layers it runs."""
@@ -117,6 +99,7 @@ class Sharding:
     mode: str
     group: Any
     layers: range | None = None
+    last: mx.array | None = field(default=None, repr=False)  # see `broadcast`
 
     @property
     def rank(self) -> int:
@@ -183,7 +166,21 @@ class Sharding:
         """Rank 0's sampled token, on every rank: ranks sample from the same logits, but their
         random streams differ, and a rank that continued with another token would compute
         another sequence."""
-        return broadcast(token, self.group)
+        self.last = broadcast(token, self.group)
+        return self.last
+
+    def settle(self) -> None:
+        """Wait for the last step this rank queued (its agreed token). When a rank dies, MLX
+        fails the collectives in flight, but one queued after them, even one that depends on
+        them, then waits for ever: a rank settles before it starts a collective of its own
+        (lockstep.py), so that the failure raises here instead."""
+        if self.last is not None:
+            mx.eval(self.last)
+
+    def broadcast(self, x: mx.array) -> mx.array:
+        """Rank 0's `x` on every rank, once the steps queued before have run (`settle`)."""
+        self.settle()
+        return broadcast(x, self.group)
 
 
 def _layer_of(key: str) -> int | None:

@@ -80,18 +80,21 @@ class Unconstrained:
 
 # ---- the wire: rank 0's bytes, flags and arrays ---------------------------------------------
 
-def share_bytes(group: Any, data: bytes | None) -> bytes:
+Send = Callable[[mx.array], mx.array]  # rank 0's array on every rank (distributed.broadcast)
+
+
+def share_bytes(send: Send, data: bytes | None) -> bytes:
     """Rank 0's `data` on every rank (the others pass None); empty means done."""
-    length = broadcast(mx.array([len(data or b"")], mx.int32), group).item()
+    length = send(mx.array([len(data or b"")], mx.int32)).item()
     if length == 0:
         return b""
     payload = np.frombuffer(data, np.uint8) if data else np.zeros(length, np.uint8)
-    return bytes(np.array(broadcast(mx.array(payload), group)))
+    return bytes(np.array(send(mx.array(payload))))
 
 
-def share_flag(group: Any, value: bool = False) -> bool:
+def share_flag(send: Send, value: bool = False) -> bool:
     """Rank 0's `value` on every rank."""
-    return bool(broadcast(mx.array([int(value)], mx.int32), group).item())
+    return bool(send(mx.array([int(value)], mx.int32)).item())
 
 
 # ---- rank 0 ---------------------------------------------------------------------------------
@@ -100,7 +103,7 @@ class Leader:
     """Rank 0's side: announces each generation and paces the others through it."""
 
     def __init__(self, group: Any):
-        self.group = group
+        self.send: Send = lambda x: broadcast(x, group)
         self.model: Model | None = None
         self.finished = False
         self._slots: dict[int, int] = {}  # id of a cache's first layer -> its slot
@@ -110,6 +113,7 @@ class Leader:
     def attach(self, model: Model) -> None:
         """Lead with this (distributed) model: its generations are announced from now on."""
         self.model = model
+        self.send = model.sharding.broadcast  # after the model's steps in flight
         model.leader = self
         model.net.share_images = False  # rank 0 encodes alone; the features go with requests
 
@@ -122,7 +126,7 @@ class Leader:
         stop = should_stop or (lambda: False)
         tokens = generate_tokens(self.model, prompt, cache, settings, stats,
                                  image_features=image_features,
-                                 should_stop=lambda: share_flag(self.group, stop()),
+                                 should_stop=lambda: share_flag(self.send, stop()),
                                  constraint=constraint, **options)
         return self._paced(tokens)
 
@@ -137,15 +141,15 @@ class Leader:
                           constrained, list(image_features.shape) if image_features is not None
                           else None, self._dropped)
         self._dropped = []
-        share_bytes(self.group, request.encode())
+        share_bytes(self.send, request.encode())
         if image_features is not None:
-            mx.eval(broadcast(image_features, self.group))
+            mx.eval(self.send(image_features))
 
     def finish(self) -> None:
         """Tell the other ranks to stop following (once), and lead no more."""
         if not self.finished:
             self.finished = True
-            share_bytes(self.group, None)
+            share_bytes(self.send, None)
         if self.model is not None:
             self.model.leader = None
             self.model.net.share_images = True
@@ -170,7 +174,7 @@ class Leader:
         clean = True
         try:
             while True:
-                share_flag(self.group, True)
+                share_flag(self.send, True)
                 try:
                     token = next(tokens)
                 except StopIteration:
@@ -184,7 +188,7 @@ class Leader:
         finally:
             tokens.close()
             if clean:
-                share_flag(self.group, False)
+                share_flag(self.send, False)
 
 
 def _kv_bits(cache: list) -> int | None:
@@ -218,25 +222,24 @@ def leading(group: Any) -> Iterator[Leader | None]:
 
 def follow(model: Model) -> int:
     """Run every generation rank 0 leads, until it stops leading; returns how many ran."""
-    group = model.sharding.group
+    send = model.sharding.broadcast
     caches: dict[int, list] = {}
     count = 0
-    while data := share_bytes(group, None):
+    while data := share_bytes(send, None):
         request = Request.decode(data)
         for slot in request.dropped:
             caches.pop(slot, None)
         cache = _mirror(model, caches, request)
         features = None
         if request.images is not None:
-            features = broadcast(mx.zeros(request.images, model.net.decoder.norm.weight.dtype),
-                                 group)
+            features = send(mx.zeros(request.images, model.net.decoder.norm.weight.dtype))
             mx.eval(features)
         tokens = generate_tokens(model, request.ids, cache, SamplingSettings(**request.settings),
                                  Stats(), image_features=features,
-                                 should_stop=lambda: share_flag(group),
+                                 should_stop=lambda: share_flag(send),
                                  constraint=Unconstrained() if request.constrained else None)
         with closing(tokens):
-            while share_flag(group):
+            while share_flag(send):
                 try:
                     next(tokens, None)
                 except PrefillStopped:
