@@ -8,7 +8,6 @@ is one line and a non-zero exit code, never a traceback.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -50,17 +49,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
     except RuntimeError as e:  # MLX's collectives: a rank of a distributed run went away
-        from .distributed import lost_rank
+        from .watchdog import exit_lost, lost_rank
 
         lost = lost_rank(e)
         if lost is None:
             raise
-        print(f"error: {lost}", file=sys.stderr)
-        from .watchdog import Watchdog
-
-        sys.stdout.flush()
-        Watchdog.release()
-        os._exit(EXIT_ERROR)  # MLX's streams stay blocked on the lost rank: exiting would hang
+        exit_lost(lost, EXIT_ERROR)
+        raise  # not reached
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # more Ctrl-C while exiting change nothing
         print("\ninterrupted", file=sys.stderr)

@@ -74,21 +74,6 @@ def start_group(timeout: float = JOIN_TIMEOUT_S) -> Any:
     return group
 
 
-def lost_rank(error: BaseException) -> RankUnavailable | None:
-    """A RankUnavailable for a failure of the collectives (a rank died or its host went away),
-    None for any other error. MLX raises them as RuntimeErrors named by backend."""
-    text = str(error)
-    if not isinstance(error, RuntimeError) or not text.startswith(
-            ("[ring]", "[jaccl]", "[nccl]", "[mpi]", "[distributed]")):
-        return None
-    if "send" in text.lower() and "not supported" in text.lower():
-        return RankUnavailable(f"this backend cannot pass hidden states from rank to rank "
-                               f"({text}): run --distributed pipeline on the ring backend "
-                               "(mlx.launch --backend ring), or use --distributed tensor")
-    return RankUnavailable(f"a rank stopped or cannot be reached ({text}): see that rank's "
-                           "own error; every rank stops")
-
-
 # ---- the plan: what this rank holds ---------------------------------------------------------
 
 @dataclass
@@ -328,12 +313,18 @@ class PipelineDecoder(TextDecoder):
         super().__init__(cfg)
         self.layers = [b if i in layers else None for i, b in enumerate(self.layers)]
         self.group = group
+        self._handoff: mx.array | None = None  # the last forward pass's gathered output
 
     def __call__(self, h: mx.array, cache: list | None = None,
                  masks: tuple[Any, Any] | None = None, eval_layers: bool = False) -> mx.array:
         rank, size = self.group.rank(), self.group.size()
         cache = cache or [None] * len(self.layers)
         global_mask, sliding_mask = masks if masks is not None else self.causal_masks(h, cache)
+        if self._handoff is not None:
+            # A receive depends on nothing here, so within one evaluation MLX may run it
+            # before the previous pass's gather, and the ranks (whose graphs differ) would
+            # wait on each other: queue the previous pass first (a no-op once it has run).
+            mx.async_eval(self._handoff)
         if rank > 0:
             h = mx.distributed.recv_like(h, rank - 1, group=self.group)
         queued = None
@@ -350,6 +341,7 @@ class PipelineDecoder(TextDecoder):
             h = mx.distributed.send(h, rank + 1, group=self.group)
         h = mx.distributed.all_gather(h, group=self.group)[-h.shape[0]:]  # the last rank's
         self._account(cache, h)
+        self._handoff = h
         return self.norm(h)
 
     def _account(self, cache: list, h: mx.array) -> None:
@@ -421,4 +413,6 @@ class DistributedGemma3(Gemma3):
         dtype = self.decoder.norm.weight.dtype
         features = (super().encode_images(pixel_values).astype(dtype) if rank == 0
                     else mx.zeros(shape, dtype))
-        return broadcast(features, self.sharding.group)
+        features = broadcast(features, self.sharding.group)
+        mx.eval(features)  # now: left lazy, a pipeline rank could order it after a receive
+        return features

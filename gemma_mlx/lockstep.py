@@ -38,10 +38,11 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import QuantizedKVCache
 
-from .distributed import LayerElsewhere, broadcast, lost_rank
+from .distributed import LayerElsewhere, broadcast
 from .engine import PrefillStopped, SamplingSettings, Stats, cache_offset, generate_tokens
 from .loading import Model
 from .session import trim
+from .watchdog import lost_rank
 
 
 @dataclass

@@ -21,6 +21,8 @@ import os
 import subprocess
 import sys
 
+from .errors import RankUnavailable
+
 GRACE_S = 3.0  # after the ring lost a peer, how long this rank may take to stop by itself
 JOINED = "\x1egemma-mlx: the group has formed\x1e"  # tells the watchdog so, as a line
 
@@ -150,5 +152,41 @@ class Watchdog:
 
 def supervise(join_timeout: float) -> Watchdog:
     """For a script run on every rank (`load(..., distributed=...)`): call it first, so that a
-    rank that never joins, or one that dies, ends the others with one line instead of a hang."""
-    return Watchdog.start(join_timeout, take_stderr=True)
+    rank that never joins, or one that dies, ends the others with one line instead of a hang
+    (an uncaught lost-rank error too: `exit_lost`)."""
+    watchdog = Watchdog.start(join_timeout, take_stderr=True)
+    default = sys.excepthook
+
+    def hook(kind: type, error: BaseException, trace: object) -> None:
+        lost = lost_rank(error)
+        if lost is None:
+            default(kind, error, trace)
+        else:
+            exit_lost(lost)
+
+    sys.excepthook = hook
+    return watchdog
+
+
+def lost_rank(error: BaseException) -> RankUnavailable | None:
+    """A RankUnavailable for a failure of the collectives (a rank died or its host went away),
+    None for any other error. MLX raises them as RuntimeErrors named by backend."""
+    text = str(error)
+    if not isinstance(error, RuntimeError) or not text.startswith(
+            ("[ring]", "[jaccl]", "[nccl]", "[mpi]", "[distributed]")):
+        return None
+    if "send" in text.lower() and "not supported" in text.lower():
+        return RankUnavailable(f"this backend cannot pass hidden states from rank to rank "
+                               f"({text}): run --distributed pipeline on the ring backend "
+                               "(mlx.launch --backend ring), or use --distributed tensor")
+    return RankUnavailable(f"a rank stopped or cannot be reached ({text}): see that rank's "
+                           "own error; every rank stops")
+
+
+def exit_lost(error: RankUnavailable, code: int = 1) -> None:
+    """Say so in one line and end this process now: MLX's streams stay blocked on the lost
+    rank, so an ordinary exit would hang."""
+    print(f"error: {error}", file=sys.stderr)
+    sys.stdout.flush()
+    Watchdog.release()
+    os._exit(code)
