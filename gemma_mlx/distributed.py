@@ -15,8 +15,10 @@ holds, and how the ranks compute one forward pass together.
   need not follow the sliding pattern.
 
 Every rank reads only the tensors it keeps (`Sharding.wants`, `Sharding.files`): a pipeline
-rank opens only the safetensors shards holding its layers, and a tensor rank reads each
-layer's full tensors one layer at a time, keeping its slices (`Sharding.place`).
+rank opens only the safetensors shards holding its layers (or the embedding and final norm,
+which every rank keeps), and a tensor rank reads each block's full tensors one block at a
+time, keeping its slices (`Sharding.place`). Files are memory-mapped: only the tensors a rank
+keeps are read.
 
 Every rank must run the same collective operations in the same order: call the model (or
 generate) with the same inputs on every rank, and let `Sharding.agree` make the sampled

@@ -15,6 +15,7 @@ Each rank writes rank{N}.json (and rank{N}.npz for logits) into OUT_DIR.
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -74,17 +75,26 @@ def case_outputs(model, case: dict) -> tuple[np.ndarray, list[int], bool]:
 
 def logits_cases(cases: list[dict], out: Path, rank: int) -> None:
     from gemma_mlx.errors import GemmaError
+    from gemma_mlx.loading import parameter_bytes
 
     arrays, report = {}, {}
     for case in cases:
+        gc.collect()  # the last case's model is gone: this load's peak is its own
+        before = mx.get_active_memory()
+        mx.reset_peak_memory()
         try:
             model = load_case(case, distributed=True)
         except GemmaError as e:
             report[case["name"]] = {"error": f"{type(e).__name__}: {e}"}
             continue
+        held = {"weights": parameter_bytes(model.net),
+                "loaded_peak": mx.get_peak_memory() - before,
+                "layers": [i for i, b in enumerate(model.net.decoder.layers) if b is not None],
+                "vision": "vision_tower" in model.net}
         logits, tokens, compiled = case_outputs(model, case)
         arrays[case["name"]] = logits
-        report[case["name"]] = {"tokens": tokens, "compiled": compiled}
+        report[case["name"]] = {"tokens": tokens, "compiled": compiled, **held}
+        del model
     np.savez(out / f"rank{rank}.npz", **arrays)
     (out / f"rank{rank}.json").write_text(json.dumps(report))
 

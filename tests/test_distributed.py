@@ -131,6 +131,31 @@ def test_logits_and_greedy_tokens_equal_one_process(two_ranks, name):
         assert reports[rank][name]["tokens"] == tokens
 
 
+def test_each_rank_reads_and_holds_only_its_part_a_block_at_a_time(two_ranks):
+    """Pipeline ranks hold their layers; tensor ranks half of every linear layer (the norms and
+    the embedding whole); the vision tower is on rank 0 only; a rank's memory peaks at its
+    weights plus at most two blocks while loading, never at the whole model."""
+    from gemma_mlx.loading import parameter_bytes
+
+    cases, reports, _ = two_ranks
+    case = {c["name"]: c for c in cases}
+    net = load_case(case["tensor float32"], distributed=False).net
+    whole, block = parameter_bytes(net), parameter_bytes(net.decoder.layers[0])
+    linear = sum(parameter_bytes(getattr(part, name)) for b in net.decoder.layers
+                 for part, names in ((b.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                                     (b.mlp, ("gate_proj", "up_proj", "down_proj")))
+                 for name in names)
+    pipeline = [r["pipeline float32 split 1:3"] for r in reports]
+    assert [p["layers"] for p in pipeline] == [[0], [1, 2, 3]]
+    assert [p["weights"] for p in pipeline] == [whole - 3 * block, whole - block]
+    for report in reports:
+        assert report["tensor float32"]["weights"] == whole - linear // 2
+        for name in ("tensor float32", "tensor one KV head", "pipeline float32 split 1:3"):
+            assert report[name]["loaded_peak"] <= report[name]["weights"] + 2 * block
+    assert [r[name]["vision"] for r in reports for name in ("tensor image", "pipeline image")] \
+        == [True, True, False, False]
+
+
 def test_tensor_parallel_decodes_with_the_compiled_step(two_ranks):
     """The compiled single-token step takes the sharded layers (pipelines step op by op)."""
     _, reports, _ = two_ranks
@@ -238,3 +263,50 @@ def test_tensor_split_errors_name_what_divides():
     check_tensor_split(cfg, 8)  # KV heads repeated twice
     with pytest.raises(BadSplit, match="run on 2 or 4 or 8 ranks"):
         check_tensor_split(cfg, 3)
+
+
+class OneRankOf:
+    """A stand-in for a group, for plans made without processes."""
+
+    def __init__(self, rank: int, size: int):
+        self._rank, self._size = rank, size
+
+    def rank(self) -> int:
+        return self._rank
+
+    def size(self) -> int:
+        return self._size
+
+
+def test_a_pipeline_rank_opens_only_the_shards_holding_its_layers(folders, tmp_path,
+                                                                 monkeypatch):
+    """A checkpoint in two files (mlx-lm's text layout and index): rank 0 of two reads only
+    the first, which holds the embedding, the final norm and layers 0-1."""
+    import mlx.core as mx
+
+    from gemma_mlx import loading
+    from gemma_mlx.distributed import Sharding
+
+    weights = {k.replace("language_model.model.", "model."): v
+               for k, v in mx.load(str(folders["text"] / "model.safetensors")).items()}
+    first = {k: v for k, v in weights.items() if ".layers.2." not in k and ".layers.3." not in k}
+    files = {"model-00001-of-00002.safetensors": first,
+             "model-00002-of-00002.safetensors": {k: v for k, v in weights.items()
+                                                  if k not in first}}
+    for name, part in files.items():
+        mx.save_safetensors(str(tmp_path / name), part)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: name for name, part in files.items() for k in part}}))
+    (tmp_path / "config.json").write_text((folders["text"] / "config.json").read_text())
+    opened, read = [], mx.load
+    monkeypatch.setattr(mx, "load", lambda f: opened.append(Path(f).name) or read(f))
+
+    def rank_of_two(rank: int):
+        return lambda cfg: Sharding.plan("pipeline", cfg, OneRankOf(rank, 2))
+
+    net, _ = loading.load_net(tmp_path, shard=rank_of_two(0))
+    assert opened == ["model-00001-of-00002.safetensors"]
+    assert [i for i, b in enumerate(net.decoder.layers) if b is not None] == [0, 1]
+    opened.clear()
+    loading.load_net(tmp_path, shard=rank_of_two(1))
+    assert sorted(opened) == sorted(files)  # layers 2-3, the embedding and norm from the first
