@@ -86,7 +86,7 @@ class Sharding:
     mode: str
     group: Any
     layers: range | None = None
-    last: mx.array | None = field(default=None, repr=False)  # see `broadcast`
+    last: mx.array | None = field(default=None, repr=False)  # the last agreed token: `settle`
 
     @property
     def rank(self) -> int:
@@ -140,7 +140,7 @@ class Sharding:
 
     def place(self, net: Gemma3) -> None:
         """Split the blocks (tensor) and read the weights, a block at a time, so that a
-        rank's peak memory is its share plus one block, not the whole model."""
+        rank's peak memory is its share plus about a block, not the whole model."""
         decoder = net.decoder
         for i, block in enumerate(decoder.layers):
             if block is None:

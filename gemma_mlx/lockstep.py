@@ -2,8 +2,8 @@
 
 Under `mlx.launch`, only rank 0 reads the prompt (the CLI's stdin, a server's HTTP); the other
 ranks must still run every forward pass with it, collective for collective. So rank 0's
-model carries a `Leader` (`model.leader`, set by `leading`), and the engine hands it each
-generation (`engine.stream_tokens`). Before the generation starts, the leader broadcasts a
+model carries a `Leader` (`model.leader`, set by `Leader.attach`), and the engine hands it
+each generation (`engine.stream_tokens`). Before the generation starts, the leader broadcasts a
 `Request`: the prompt ids, the sampling settings, which of its KV caches it uses and how
 many tokens that cache keeps, the soft tokens of its images. Each other rank runs `follow`:
 it receives the request, mirrors the cache, and runs the same `generate_tokens`. Then, for
@@ -56,6 +56,7 @@ class Request:
     kv_bits: int | None = None  # how a new cache stores its global layers
     constrained: bool = False  # a grammar masks rank 0's logits: its loop runs one step ahead
     images: list[int] | None = None  # the shape of the image features that follow, if any
+    images_dtype: str | None = None  # ... and their dtype
     dropped: list[int] = field(default_factory=list)  # slots rank 0 no longer has
 
     def encode(self) -> bytes:
@@ -138,9 +139,11 @@ class Leader:
         if new and keep:
             raise ValueError("this KV cache was filled before rank 0 led: the other ranks "
                              "cannot mirror it (make caches while leading)")
+        images = image_features is not None
         request = Request(list(prompt), asdict(settings), slot, keep, _kv_bits(cache),
-                          constrained, list(image_features.shape) if image_features is not None
-                          else None, self._dropped)
+                          constrained, list(image_features.shape) if images else None,
+                          str(image_features.dtype).split(".")[-1] if images else None,
+                          self._dropped)
         self._dropped = []
         share_bytes(self.send, request.encode())
         if image_features is not None:
@@ -233,7 +236,7 @@ def follow(model: Model) -> int:
         cache = _mirror(model, caches, request)
         features = None
         if request.images is not None:
-            features = send(mx.zeros(request.images, model.net.decoder.norm.weight.dtype))
+            features = send(mx.zeros(request.images, getattr(mx, request.images_dtype)))
             mx.eval(features)
         tokens = generate_tokens(model, request.ids, cache, SamplingSettings(**request.settings),
                                  Stats(), image_features=features,
