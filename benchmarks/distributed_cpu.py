@@ -161,9 +161,9 @@ def print_table(report: dict) -> None:
     for name, config in report["configs"].items():
         same = "yes" if config["same_tokens_as_1_process"] else "NO"
         for rank, r in enumerate(config["ranks"]):
-            print(f"| {name} | {rank} | {r['weights_bytes'] / gb:.3f} GB | "
-                  f"{r['loaded_peak_bytes'] / gb:.3f} GB | {r['peak_bytes'] / gb:.3f} GB | "
-                  f"{r['max_rss_bytes'] / gb:.3f} GB | {r['prefill_tps']:.2f} | "
+            print(f"| {name} | {rank} | {r['weights_bytes'] / gb:.3f} GiB | "
+                  f"{r['loaded_peak_bytes'] / gb:.3f} GiB | {r['peak_bytes'] / gb:.3f} GiB | "
+                  f"{r['max_rss_bytes'] / gb:.3f} GiB | {r['prefill_tps']:.2f} | "
                   f"{r['decode_tps']:.2f} | {same} |")
 
 
