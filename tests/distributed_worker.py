@@ -122,6 +122,7 @@ def conversation(model) -> list[str]:
         if i == 1:
             break
     replies.append(chat.send("Last one.", max_tokens=4))
+    replies.append(chat.send("As JSON.", json_schema={"type": "object"}, max_tokens=6))
     replies.append(gemma_mlx.generate(model, "Once", raw=True, max_tokens=5, temp=0.8,
                                       seed=3, kv_bits=8))
     return replies

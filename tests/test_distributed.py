@@ -176,12 +176,13 @@ def test_ranks_that_do_not_divide_the_heads_are_refused_on_every_rank(two_ranks)
 
 def test_a_chat_led_by_rank_0_equals_one_machine(tmp_path, folder_270m):
     """Images, follow-ups reusing the cache, undo, should_stop, a reader that stops reading,
-    sampling and a quantized KV cache: rank 1 follows all of it."""
+    a JSON schema (rank 0's grammar), sampling and a quantized KV cache: rank 1 follows all of
+    it."""
     folder = write_tiny_checkpoint(tmp_path / "chat", folder_270m, vision=True, seed=4)
     reports = run_worker([dict(kind="chat", folder=str(folder), mode="tensor")], tmp_path)
     assert reports[0]["distributed"] == reports[0]["one_machine"]
-    assert len(reports[0]["distributed"]) == 6 and all(reports[0]["distributed"])
-    assert reports[1]["followed"] == 7  # every generation: the cut-off one too
+    assert len(reports[0]["distributed"]) == 7 and all(reports[0]["distributed"])
+    assert reports[1]["followed"] == 8  # every generation: the cut-off one too
 
 
 # ---- the real 270M ---------------------------------------------------------------------------
