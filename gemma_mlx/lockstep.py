@@ -217,7 +217,11 @@ def leading(group: Any) -> Iterator[Leader | None]:
         yield leader
     except BaseException as e:
         if lost_rank(e) is None:
-            leader.finish()
+            try:
+                leader.finish()
+            except RuntimeError as lost:  # the others failed too (the same error, likely)
+                if lost_rank(lost) is None:
+                    raise
         raise
     leader.finish()
 
