@@ -6,8 +6,8 @@ MLX_HOSTFILE): `python distributed_worker.py CASES.json OUT_DIR`.
   (the compiled step where it applies) and the greedy tokens `generate_tokens` picks.
   `case_outputs` is also the test's single-process reference.
 - The chat case: rank 0 leads a Chat (images, follow-ups, undo, a stop, a reply cut off by
-  its reader, sampling) while rank 1 follows (lockstep.py); then rank 0 replays it on one
-  machine.
+  its reader, a JSON schema, sampling, an 8-bit KV cache) while rank 1 follows (lockstep.py);
+  then rank 0 replays it on one machine.
 - The greedy case: the real 270M's greedy tokens in each mode.
 - The killed case: a long generation under `watchdog.supervise`, until the test kills a rank.
 Each rank writes rank{N}.json (and rank{N}.npz for logits) into OUT_DIR.
