@@ -12,6 +12,7 @@
     gemma_mlx.serve(model, port=8080)  # OpenAI's and Ollama's APIs over HTTP, until Ctrl-C
     for m in gemma_mlx.installed_models():  # what `gemma-mlx list` shows (gemma_mlx.models)
         print(m.name, m.size, m.last_used)
+    model = gemma_mlx.load("27b", distributed="tensor")  # on every rank under mlx.launch
 
 The names below are imported on first use, so `python -m gemma_mlx` starts (and can be
 interrupted, or print its help) before MLX is loaded.
@@ -26,9 +27,11 @@ from .errors import (
     BadCheckpoint,
     BadImage,
     BadRequest,
+    BadSplit,
     ContextOverflow,
     GemmaError,
     ModelNotFound,
+    RankUnavailable,
     ServerNotFound,
 )
 
@@ -43,10 +46,11 @@ _LAZY = {
 }
 
 __all__ = [
-    "Attachment", "BadCheckpoint", "BadImage", "BadRequest", "Chat", "Chunk", "ContextOverflow",
-    "GemmaError", "InstalledModel", "Message", "Model", "ModelNotFound", "SamplingSettings",
-    "ServerNotFound", "Session", "Stats", "Tool", "ToolCall", "__version__", "batch_generate",
-    "generate", "installed_models", "load", "load_draft", "serve", "stream",
+    "Attachment", "BadCheckpoint", "BadImage", "BadRequest", "BadSplit", "Chat", "Chunk",
+    "ContextOverflow", "GemmaError", "InstalledModel", "Message", "Model", "ModelNotFound",
+    "RankUnavailable", "SamplingSettings", "ServerNotFound", "Session", "Stats", "Tool",
+    "ToolCall", "__version__", "batch_generate", "generate", "installed_models", "load",
+    "load_draft", "serve", "stream",
 ]
 
 if TYPE_CHECKING:

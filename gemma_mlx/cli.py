@@ -48,6 +48,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GemmaError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
+    except RuntimeError as e:  # MLX's collectives: a rank of a distributed run went away
+        from .watchdog import exit_lost, lost_rank
+
+        lost = lost_rank(e)
+        if lost is None:
+            raise
+        exit_lost(lost, EXIT_ERROR)
+        raise  # not reached
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # more Ctrl-C while exiting change nothing
         print("\ninterrupted", file=sys.stderr)
@@ -92,6 +100,47 @@ def add_draft_options(parser: argparse.ArgumentParser) -> None:
                              "the replies stay the model's own")
     parser.add_argument("--num-draft-tokens", type=int, default=None, metavar="N",
                         help="tokens drafted per step with --draft-model (default: 3)")
+
+
+def add_distributed_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--distributed", choices=("tensor", "pipeline"), default=None,
+                        help="run across the ranks mlx.launch started (mlx.launch --hostfile "
+                             "HOSTS.json -- python -m gemma_mlx --distributed ...): tensor "
+                             "splits every layer, pipeline gives each rank some layers; rank 0 "
+                             "prints, the others print nothing")
+    parser.add_argument("--pipeline-split", metavar="RATIOS", default=None,
+                        help="with --distributed pipeline: each rank's share of the layers, "
+                             "e.g. 2,1 (say, its free memory; default: even)")
+    parser.add_argument("--join-timeout", type=float, default=None, metavar="SECONDS",
+                        help="with --distributed: how long to wait for the other ranks to "
+                             "start (default: 60)")
+
+
+def distributed_options(args: argparse.Namespace) -> dict:
+    """load()'s distributed options from the command line, checked before anything starts."""
+    if args.distributed is None:
+        for flag, value in (("--pipeline-split", args.pipeline_split),
+                            ("--join-timeout", args.join_timeout)):
+            if value is not None:
+                raise BadRequest(f"{flag} goes with --distributed")
+        return {}
+    options: dict = {"distributed": args.distributed}
+    if args.join_timeout is not None:
+        if args.join_timeout <= 0:
+            raise BadRequest(f"--join-timeout must be above 0 (got {args.join_timeout:g})")
+        options["join_timeout"] = args.join_timeout
+    if args.pipeline_split is not None:
+        if args.distributed != "pipeline":
+            raise BadRequest("--pipeline-split goes with --distributed pipeline")
+        try:
+            options["pipeline_split"] = [float(x) for x in args.pipeline_split.split(",")]
+        except ValueError as e:
+            raise BadRequest(f"--pipeline-split takes ratios like 2,1 (got "
+                             f"{args.pipeline_split})") from e
+    if args.draft_model is not None:
+        raise BadRequest("--draft-model does not run across several machines: leave it out "
+                         "with --distributed")
+    return options
 
 
 def draft_options(args: argparse.Namespace) -> dict:
@@ -152,6 +201,7 @@ def oneshot_parser() -> argparse.ArgumentParser:
     add_memory_options(parser)
     add_draft_options(parser)
     add_oneshot_options(parser)
+    add_distributed_options(parser)
     return parser
 
 
@@ -160,7 +210,30 @@ def oneshot_command(argv: list[str], interrupt: Interrupt) -> int:
 
 
 def answer(args: argparse.Namespace, interrupt: Interrupt) -> int:
-    """The one-shot answer to args.prompt, streamed to stdout."""
+    """The one-shot answer to args.prompt, streamed to stdout. With --distributed, rank 0
+    answers and the other ranks follow it (lockstep.py), printing nothing."""
+    distributed = distributed_options(args)
+    if not distributed:
+        return answer_here(args, interrupt, {})
+    from .distributed import JOIN_TIMEOUT_S, start_group
+    from .lockstep import follow, leading
+    from .watchdog import supervise
+
+    timeout = distributed.get("join_timeout", JOIN_TIMEOUT_S)
+    supervise(timeout)  # a rank that never joins, or dies, ends this one with one line
+    group = start_group(timeout)
+    if group.rank() != 0:
+        from .loading import load
+
+        follow(load(args.model, mmproj=args.mmproj, tokenizer=False, **distributed))
+        return 0
+    with leading(group) as leader:
+        return answer_here(args, interrupt, distributed, leader)
+
+
+def answer_here(args: argparse.Namespace, interrupt: Interrupt, distributed: dict,
+                leader=None) -> int:
+    """The answer on this machine (rank 0's, under a `leader` the other ranks follow)."""
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     sampling = sampling_from(args)
     if not prompt.strip():
@@ -173,7 +246,9 @@ def answer(args: argparse.Namespace, interrupt: Interrupt) -> int:
     check_max_context(args.max_context)
     drafting = draft_options(args)
     schema = reply_schema(args)
-    model = load(args.model, mmproj=args.mmproj)
+    model = load(args.model, mmproj=args.mmproj, **distributed)
+    if leader is not None:
+        leader.attach(model)
     if args.draft_model is not None:
         from .speculative import load_draft
 
@@ -486,6 +561,7 @@ def run_command(argv: list[str]) -> int:
     add_draft_options(parser)
     add_oneshot_options(parser)
     add_chat_options(parser)
+    add_distributed_options(parser)
     parser.set_defaults(**CHAT_SAMPLING_DEFAULTS)
     args = parser.parse_args(argv)
     if args.prompt is None:
@@ -493,7 +569,8 @@ def run_command(argv: list[str]) -> int:
                                           ("--verbose", args.verbose),
                                           ("--pan-and-scan", args.pan_and_scan),
                                           ("--json-schema", args.json_schema),
-                                          ("--json", args.json)) if value]
+                                          ("--json", args.json),
+                                          ("--distributed", args.distributed)) if value]
         if given:
             raise BadRequest(f"{given[0]} goes with a prompt: `gemma-mlx run {args.model} "
                              f"PROMPT {given[0]} ...` (in the chat app, /image attaches one)")

@@ -237,7 +237,7 @@ def generate_tokens(model: Model, prompt: Sequence[int], cache: list,
             logits = mx.where(allowed, logits, -mx.inf)
         for processor in processors:
             logits = processor(history, logits[None])[0]
-        token = sampler((logits - mx.logsumexp(logits))[None])
+        token = model.agree(sampler((logits - mx.logsumexp(logits))[None]))
         if processors:
             history = mx.concatenate([history, token])
         if logprobs is not None:
@@ -346,12 +346,20 @@ def stream_tokens(model: Model, prompt: Sequence[int], settings: SamplingSetting
     if draft is not None and constraint is not None:
         notices.append(SPECULATION_OFF)
         draft = None
+    if draft is not None and model.sharding is not None:
+        raise BadRequest("speculative decoding does not run across several machines: leave "
+                         "out the draft model")
     # On Metal, keep the weights wired while generating, as mlx-lm does (a no-op elsewhere).
     recorder = Logprobs(logprobs) if logprobs is not None else None
     extra = {"logprobs": recorder} if recorder is not None else {}
     if draft is not None:
         ids = draft.tokens(model, prompt, cache, settings, stats, image_features=image_features,
                            should_stop=should_stop, **extra)
+    elif model.leader is not None:  # rank 0 of a distributed run: the other ranks follow it
+        ids = model.leader.generate_tokens(prompt, cache, settings, stats,
+                                           image_features=image_features,
+                                           should_stop=should_stop, constraint=constraint,
+                                           **extra)
     else:
         ids = generate_tokens(model, prompt, cache, settings, stats,
                               image_features=image_features, should_stop=should_stop,

@@ -28,3 +28,11 @@ class BadRequest(GemmaError):
 
 class ServerNotFound(GemmaError):
     """No gemma-mlx (or Ollama-compatible) server answers where a command looked for one."""
+
+
+class BadSplit(GemmaError):
+    """The model cannot be split across the ranks as asked (tensor or pipeline parallel)."""
+
+
+class RankUnavailable(GemmaError):
+    """A rank of a distributed run did not join in time, stopped, or cannot be reached."""

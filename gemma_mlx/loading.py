@@ -10,6 +10,7 @@ unless `quantize=False`.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,10 @@ from mlx.utils import tree_flatten
 
 from . import qat
 from .config import ModelConfig
+from .distributed import JOIN_TIMEOUT_S, Sharding, start_group
 from .errors import BadCheckpoint, BadRequest
 from .model.gemma3 import Gemma3
-from .model.vision import sanitize_vision_weights
+from .model.vision import rename_vision_key, sanitize_vision_weights
 from .models import locate, record_use
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
@@ -75,13 +77,20 @@ class Model:
     """A loaded Gemma 3: call it on token ids [B, L] for logits [B, L, vocab]."""
 
     def __init__(self, net: Gemma3, tokenizer: Any, path: Path, quantization: dict | None,
-                 name: str | None = None):
+                 name: str | None = None, sharding: Sharding | None = None):
         self.name = name or path.name  # what the user called it: an alias, repo id or path
         self.net = net
         self.tokenizer = tokenizer
         self.config: ModelConfig = net.config
         self.path = path
         self.quantization = quantization
+        self.sharding = sharding  # this rank's part, when spread over several (distributed.py)
+        self.leader: Any = None  # rank 0's lockstep.Leader while the other ranks follow it
+
+    def agree(self, token: mx.array) -> mx.array:
+        """The sampled token every rank goes on with: this one on one machine, rank 0's
+        across several (their random streams differ)."""
+        return token if self.sharding is None else self.sharding.agree(token)
 
     def __call__(self, ids: mx.array, cache: list | None = None,
                  pixel_values: mx.array | None = None) -> mx.array:
@@ -122,7 +131,9 @@ def check_kv_bits(kv_bits: int | None) -> None:
 
 def load(name_or_path: str, quantize: bool = True, bits: int | None = None,
          group_size: int | None = None, dtype: str | None = None, progress: Any = None,
-         mmproj: str | None = None, qat: bool | None = None) -> Model:
+         mmproj: str | None = None, qat: bool | None = None, distributed: str | None = None,
+         pipeline_split: Sequence[float] | None = None,
+         join_timeout: float = JOIN_TIMEOUT_S, tokenizer: bool = True) -> Model:
     """Load a model by alias (270m, 1b, 4b, 12b, 27b, 1b-qat, ...), Hub repo id, folder, .gguf
     file or the name `gemma-mlx list` shows; `mmproj`, llama.cpp's vision projector file, adds
     the vision tower to a .gguf model.
@@ -131,28 +142,53 @@ def load(name_or_path: str, quantize: bool = True, bits: int | None = None,
     MLX's rule, or, with `qat=True`, with llama.cpp's Q4_0 rule (4 bits, groups of 32), the grid
     Google's QAT checkpoints were trained for. `qat=None` picks the Q4_0 rule for checkpoints
     marked as QAT for Q4_0 (`*-qat-q4_0-unquantized`) and says so on stderr; `qat=False` never.
-    With `qat=True` an already quantized model must be on the Q4_0 grid."""
+    With `qat=True` an already quantized model must be on the Q4_0 grid.
+
+    `distributed` ("tensor" or "pipeline"), on every rank of an `mlx.launch`ed group, loads
+    this rank's part of the model (distributed.py); `pipeline_split` gives each rank's share
+    of the layers as ratios (even by default). Each rank reads only the weights it keeps.
+    `join_timeout` bounds the wait for the other ranks to start; `tokenizer=False` skips the
+    tokenizer (ranks that only follow rank 0 need none)."""
     spec = quantize_spec(quantize, bits, group_size, qat)
+    if distributed is None and pipeline_split is not None:
+        raise BadRequest("a pipeline split goes with --distributed pipeline")
+    group = start_group(join_timeout) if distributed is not None else None
     path = locate(name_or_path, progress, mmproj)
-    net, quantization = load_net(path, spec, dtype, name=name_or_path)
+
+    def shard(config: ModelConfig) -> Sharding | None:
+        if group is None:
+            return None
+        return Sharding.plan(distributed, config, group, pipeline_split)
+
+    net, quantization = load_net(path, spec, dtype, name=name_or_path, shard=shard)
     record_use(path)
-    return Model(net, load_tokenizer(path), path, quantization, name_or_path)
+    return Model(net, load_tokenizer(path) if tokenizer else None, path, quantization,
+                 name_or_path, getattr(net, "sharding", None))
 
 
 STORED = "stored"  # load_net's dtype for "as the files hold them" (convert's default)
 
 
 def load_net(path: Path, quantize: QuantizeSpec | None = None, dtype: str | None = None,
-             name: str | None = None) -> tuple[Gemma3, dict | None]:
+             name: str | None = None,
+             shard: Callable[[ModelConfig], Sharding | None] | None = None,
+             ) -> tuple[Gemma3, dict | None]:
     """Build the network from a folder; returns it with its quantization settings. `dtype` is
     the floats' dtype: None for the compute dtype (`compute_dtype`), STORED to keep the files'.
     A model on the Q4_0 grid computes in float32 unless told otherwise, on a GPU too: its
     float16 scales do not fit bfloat16, and mixed dtypes would be promoted at every step.
-    `name` is what the user called the model (a repo id marks a QAT checkpoint)."""
+    `name` is what the user called the model (a repo id marks a QAT checkpoint). `shard`
+    gives this rank's part of the model (distributed.py): only its weights are read."""
     raw_config = read_config(path)
     config = ModelConfig.from_dict(raw_config)
-    weights = sanitize(read_weights(path))
-    net = Gemma3(config)
+    sharding = shard(config) if shard is not None else None
+    if sharding is None:
+        weights = sanitize(read_weights(path))
+        net = Gemma3(config)
+    else:
+        weights = sanitize(read_weights(path, sharding.files(path, our_key)))
+        weights = {k: v for k, v in weights.items() if sharding.wants(k)}
+        net = sharding.build(config)
     quantization = raw_config.get("quantization") or raw_config.get("quantization_config")
     spec = None
     if any(k.endswith(".scales") for k in weights):
@@ -181,6 +217,8 @@ def load_net(path: Path, quantize: QuantizeSpec | None = None, dtype: str | None
                          "google/gemma-3-*-it-qat-q4_0-unquantized checkpoint")
     if spec is not None:
         quantization = quantize_text_decoder(net, spec)
+    if sharding is not None:
+        sharding.place(net)
     mx.eval(net.parameters())
     return net, quantization
 
@@ -221,9 +259,10 @@ def read_config(path: Path) -> dict[str, Any]:
     return config
 
 
-def read_weights(path: Path) -> dict[str, mx.array]:
-    """All safetensors in the folder, loaded lazily: MLX maps them and reads on first use."""
-    files = sorted(path.glob("*.safetensors"))
+def read_weights(path: Path, files: list[Path] | None = None) -> dict[str, mx.array]:
+    """All safetensors in the folder (or these `files` of it), loaded lazily: MLX maps them
+    and reads on first use."""
+    files = files if files is not None else sorted(path.glob("*.safetensors"))
     if not files:
         raise BadCheckpoint(f"{path} has no *.safetensors weights: re-download the model or "
                             "convert it with `python -m gemma_mlx convert`")
@@ -245,6 +284,11 @@ def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
         if key is not None:
             out[key] = value
     return out
+
+
+def our_key(key: str) -> str | None:
+    """A checkpoint's tensor name as `sanitize` names it (None for a tensor it drops)."""
+    return _language_key(rename_vision_key(key))
 
 
 def _language_key(key: str) -> str | None:

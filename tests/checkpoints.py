@@ -43,14 +43,7 @@ def config(vision: bool = True, **text) -> dict:
 def write_tiny_checkpoint(folder: Path, tokenizer_folder: Path, vision: bool = True,
                           chat_template: bool = True, seed: int = 0, **text) -> Path:
     """A loadable folder: config.json, model.safetensors and the tokenizer files."""
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg = config(vision, **text)
-    net = Gemma3(ModelConfig.from_dict(cfg))
-    mx.random.seed(seed)
-    weights = {k: mx.random.normal(v.shape) * (0.2 if "embed_tokens" in k else 1.0)
-               for k, v in tree_flatten(net.parameters())}
-    mx.save_safetensors(str(folder / "model.safetensors"), weights)
-    (folder / "config.json").write_text(json.dumps(cfg))
+    write_weights(folder, config(vision, **text), seed)
     for name in TOKENIZER_FILES:
         shutil.copy(tokenizer_folder / name, folder / name)
     tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
@@ -59,4 +52,16 @@ def write_tiny_checkpoint(folder: Path, tokenizer_folder: Path, vision: bool = T
     else:
         tokenizer_config.pop("chat_template", None)
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    return folder
+
+
+def write_weights(folder: Path, cfg: dict, seed: int = 0) -> Path:
+    """config.json and model.safetensors of a random model with this config (no tokenizer)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    net = Gemma3(ModelConfig.from_dict(cfg))
+    mx.random.seed(seed)
+    weights = {k: mx.random.normal(v.shape) * (0.2 if "embed_tokens" in k else 1.0)
+               for k, v in tree_flatten(net.parameters())}
+    mx.save_safetensors(str(folder / "model.safetensors"), weights)
+    (folder / "config.json").write_text(json.dumps(cfg))
     return folder

@@ -322,7 +322,7 @@ def _fuse_rows(layers: list[nn.Module]) -> list[tuple[nn.Module, list[int]]]:
                 getattr(m, "mode", None), "bias" in m, "biases" in m)
 
     def fusable(m: nn.Module) -> bool:
-        return type(m) in (nn.Linear, nn.QuantizedLinear) and "bias" not in m
+        return type(m) in FUSABLE and "bias" not in m
 
     runs: list[list[nn.Module]] = []
     for m in layers:
@@ -333,12 +333,17 @@ def _fuse_rows(layers: list[nn.Module]) -> list[tuple[nn.Module, list[int]]]:
     return [_fuse_run(run) for run in runs]
 
 
+# Layers whose forward pass is one matmul of the rows they hold: a tensor-parallel rank's
+# all-to-sharded layers too (distributed.py), which hold its rows and talk to no other rank.
+FUSABLE = (nn.Linear, nn.QuantizedLinear, nn.AllToShardedLinear, nn.QuantizedAllToShardedLinear)
+
+
 def _fuse_run(run: list[nn.Module]) -> tuple[nn.Module, list[int]]:
     first = run[0]
     rows = [m.weight.shape[0] for m in run]
     if len(run) == 1:
         return first, rows
-    if isinstance(first, nn.QuantizedLinear):
+    if isinstance(first, (nn.QuantizedLinear, nn.QuantizedAllToShardedLinear)):
         names = ["weight", "scales"] + (["biases"] if "biases" in first else [])
         in_dims = first.weight.shape[1] * 32 // first.bits
         fused = nn.QuantizedLinear(in_dims, sum(rows), bias=False, group_size=first.group_size,

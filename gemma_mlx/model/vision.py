@@ -173,7 +173,7 @@ def sanitize_vision_weights(weights: dict[str, mx.array]) -> dict[str, mx.array]
     Gemma 3 does not use, is dropped."""
     out = {}
     for key, value in weights.items():
-        key = _rename(key)
+        key = rename_vision_key(key)
         if key.startswith("vision_tower.vision_model.head."):
             continue
         if key == "vision_tower.vision_model.embeddings.patch_embedding.weight":
@@ -182,7 +182,8 @@ def sanitize_vision_weights(weights: dict[str, mx.array]) -> dict[str, mx.array]
     return out
 
 
-def _rename(key: str) -> str:
+def rename_vision_key(key: str) -> str:
+    """A vision tower or projector key of any known layout, under our name."""
     for old, new in _PREFIXES:
         if key.startswith(old):
             return new + key[len(old):]
