@@ -143,6 +143,17 @@ def distributed_options(args: argparse.Namespace) -> dict:
     return options
 
 
+def start_ranks(distributed: dict):
+    """This rank's group, once every rank of the run has started; from then on, a rank that
+    never joins, or dies, ends this one with one line (watchdog.py)."""
+    from .distributed import JOIN_TIMEOUT_S, start_group
+    from .watchdog import supervise
+
+    timeout = distributed.get("join_timeout", JOIN_TIMEOUT_S)
+    supervise(timeout)
+    return start_group(timeout)
+
+
 def draft_options(args: argparse.Namespace) -> dict:
     """The library's draft options from the command line, checked before any loading."""
     from .speculative import check_num_draft_tokens
@@ -215,13 +226,9 @@ def answer(args: argparse.Namespace, interrupt: Interrupt) -> int:
     distributed = distributed_options(args)
     if not distributed:
         return answer_here(args, interrupt, {})
-    from .distributed import JOIN_TIMEOUT_S, start_group
     from .lockstep import follow, leading
-    from .watchdog import supervise
 
-    timeout = distributed.get("join_timeout", JOIN_TIMEOUT_S)
-    supervise(timeout)  # a rank that never joins, or dies, ends this one with one line
-    group = start_group(timeout)
+    group = start_ranks(distributed)
     if group.rank() != 0:
         from .loading import load
 
@@ -493,8 +500,12 @@ def serve_command(argv: list[str]) -> int:
                              "`gemma-mlx list` shows")
     parser.add_argument("--verbose", "-v", action="store_true",
                         help="also log request bodies (prompts included)")
+    add_distributed_options(parser)
     args = parser.parse_args(argv)
     names = args.model or []
+    distributed = distributed_options(args)
+    if distributed and (len(names) != 1 or args.allow_pull):
+        raise BadRequest("--distributed serves one --model (every rank loads it at start)")
     if len(names) != 1:
         for flag, given in (("--mmproj", args.mmproj), ("--draft-model", args.draft_model)):
             if given:
@@ -519,11 +530,18 @@ def serve_command(argv: list[str]) -> int:
     from .models import locate
     from .server import serve
 
-    model = draft = None
+    model = draft = group = None
     models = []
+    if distributed:
+        group = start_ranks(distributed)
+        if group.rank() != 0:  # it follows rank 0's requests until rank 0 stops
+            from .lockstep import follow
+
+            follow(load(names[0], mmproj=args.mmproj, tokenizer=False, **distributed))
+            return 0
     if len(names) == 1:
         print(f"loading {names[0]} ...", file=sys.stderr, flush=True)
-        model = load(names[0], mmproj=args.mmproj)
+        model = load(names[0], mmproj=args.mmproj, **distributed)
         if args.draft_model is not None:
             from .speculative import load_draft
 
@@ -532,7 +550,7 @@ def serve_command(argv: list[str]) -> int:
         print(f"finding {name} ...", file=sys.stderr, flush=True)
         models.append((name, locate(name)))  # downloads now, never on a request
     max_memory = None if args.max_memory is None else int(args.max_memory * 2**30)
-    serve(model, host=args.host, port=args.port, draft_model=draft, models=models,
+    serve(model, host=args.host, port=args.port, draft_model=draft, models=models, group=group,
           keep_alive=keep_alive, max_loaded=args.max_loaded, max_memory=max_memory,
           allow_pull=args.allow_pull, api_key=args.api_key,
           cors=args.cors, max_queue=args.max_queue, max_batch=args.max_batch,

@@ -212,6 +212,51 @@ def test_the_command_line_prints_on_rank_0_only(model_270m, tmp_path):
     assert out1 == "" and err1 == ""  # the other rank prints nothing
 
 
+def test_a_server_under_tensor_parallel_answers_the_openai_client(tmp_path, folder_270m):
+    """`serve --distributed tensor` on two ranks: rank 0 serves HTTP, rank 1 follows each
+    request; replies equal one machine's (a follow-up too), and Ctrl-C on rank 0 ends both."""
+    import httpx
+    import openai
+    from servers import free_port
+
+    import gemma_mlx
+
+    folder = write_tiny_checkpoint(tmp_path / "served", folder_270m, vision=False, seed=5)
+    chat = gemma_mlx.Chat(gemma_mlx.load(str(folder)), temp=0, max_tokens=5)
+    expected = [chat.send("Hello there."), chat.send("And then?")]
+    port = free_port()
+    ranks = start_ranks([sys.executable, "-m", "gemma_mlx", "serve", "--distributed", "tensor",
+                         "--model", str(folder), "--port", str(port)], tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert ranks[0].poll() is None, ranks[0].stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "rank 0 did not answer /health in time"
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0,
+                               timeout=120)
+        messages = [{"role": "user", "content": "Hello there."}]
+        one = client.chat.completions.create(model=str(folder), messages=messages,
+                                             temperature=0, max_tokens=5)
+        messages += [{"role": "assistant", "content": one.choices[0].message.content},
+                     {"role": "user", "content": "And then?"}]
+        streamed = client.chat.completions.create(model=str(folder), messages=messages,
+                                                  temperature=0, max_tokens=5, stream=True)
+        two = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+        assert [one.choices[0].message.content, two] == expected
+    finally:
+        ranks[0].send_signal(signal.SIGINT)
+        (code0, _, err0), (code1, out1, err1) = finish(ranks, timeout=60)
+    # rank 0 exits as the server does on Ctrl-C; rank 1 follows silently and ends with it
+    assert (code0, code1) == (130, 0), err0[-2000:] + err1[-2000:]
+    assert out1 == "" and err1 == ""
+
+
 # ---- failures are clean and bounded ----------------------------------------------------------
 
 @pytest.mark.parametrize("victim", [1, 0])

@@ -33,17 +33,18 @@ log = logging.getLogger("gemma_mlx.server")
 
 
 def serve(model=None, host: str = "127.0.0.1", port: int = 8080, draft_model=None,
-          models: list[tuple[str, Path]] | None = None, **options: Any) -> None:
+          models: list[tuple[str, Path]] | None = None, group=None, **options: Any) -> None:
     """Serve `model` (kept loaded), else the `models` given as (name, folder), else every model
     `gemma-mlx list` shows (those two loaded on demand), until Ctrl-C (or SIGTERM): in-flight
     generations are cancelled, waiting requests refused with 503, and the worker ends before
-    the process does."""
+    the process does. `group`: rank 0's distributed group, whose other ranks follow
+    (`lockstep.follow`)."""
     settings = ServerOptions(host=host, port=port, **options)
     _log_to_stderr()
     if host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         log.warning("warning: listening on %s without --api-key: anyone who can reach this "
                     "address can use the model", host)
-    app = create_app(model, settings, draft_model, models)
+    app = create_app(model, settings, draft_model, models, group)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=5)
     server = _Server(config, app)

@@ -12,7 +12,7 @@ import hmac
 import json
 import logging
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +37,13 @@ log = logging.getLogger("gemma_mlx.server")
 
 
 def create_app(model=None, options: ServerOptions | None = None, draft_model=None,
-               models: list[tuple[str, Path]] | None = None) -> FastAPI:
+               models: list[tuple[str, Path]] | None = None, group=None) -> FastAPI:
     """The server as an ASGI app, for `serve` and for mounting in another server. It serves
     `model` (loaded, kept loaded), else the `models` given as (name, folder), else every model
     `gemma-mlx list` shows; those two load on demand. The app owns a worker thread that runs
-    the models from startup to shutdown (its lifespan)."""
+    the models from startup to shutdown (its lifespan). With a distributed `group` (rank 0 of
+    a `load(..., distributed=...)` model), the other ranks follow each request (lockstep.py):
+    one at a time."""
     options = options or ServerOptions()
     metrics = Metrics()
     if model is not None:
@@ -51,10 +53,12 @@ def create_app(model=None, options: ServerOptions | None = None, draft_model=Non
     else:
         catalog = Catalog(None, options.allow_pull)
     host_options = HostOptions(options.max_batch, options.dense_batch, options.cache_sessions,
-                               options.cache_bytes, options.kv_bits, options.num_draft_tokens)
+                               options.cache_bytes, options.kv_bits, options.num_draft_tokens,
+                               one_at_a_time=group is not None)
     registry = ModelRegistry(catalog, lambda fn: worker.call(fn), options.keep_alive,
                              options.max_loaded, options.max_memory or default_max_memory())
-    worker = Worker(host_options, options.max_queue, metrics, registry.expired)
+    worker = Worker(host_options, options.max_queue, metrics, registry.expired,
+                    around=leading(group, model) if group is not None else nullcontext)
     registry.loader = lambda entry: load_served(entry, options)
     registry.unloader = worker.unload
     if model is not None:
@@ -82,6 +86,20 @@ def create_app(model=None, options: ServerOptions | None = None, draft_model=Non
                            allow_headers=["*"])
     app.add_middleware(Guard, options=options, metrics=metrics)
     return app
+
+
+def leading(group, model):
+    """The worker thread's context on rank 0 of a distributed run: it leads, the others
+    follow every generation of `model`."""
+    from gemma_mlx.lockstep import leading as lead
+
+    @contextmanager
+    def context():
+        with lead(group) as leader:
+            leader.attach(model)
+            yield
+
+    return context
 
 
 def default_max_memory() -> int:

@@ -21,6 +21,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,6 +119,7 @@ class HostOptions:
     cache_bytes: int = 8 << 30
     kv_bits: int | None = None
     num_draft_tokens: int = 3
+    one_at_a_time: bool = False  # no batch: the ranks of a distributed run follow one job
 
 
 class Host:
@@ -127,13 +129,14 @@ class Host:
     def __init__(self, served: ServedModel, options: HostOptions):
         model = served.model
         self.served = served
-        rows = options.max_batch or default_max_batch(model, served.context_limit)
-        self.max_batch = 1 if served.draft_model is not None else rows
+        alone = served.draft_model is not None or options.one_at_a_time
+        self.max_batch = 1 if alone else (
+            options.max_batch or default_max_batch(model, served.context_limit))
         self.pool = SessionPool(model, max(options.cache_sessions, self.max_batch),
                                 options.cache_bytes, options.kv_bits, served.draft_model,
                                 options.num_draft_tokens)
-        self.batch = None if served.draft_model is not None else Batch(
-            model, self.max_batch, dense_weights=options.dense_batch)
+        self.batch = None if alone else Batch(model, self.max_batch,
+                                              dense_weights=options.dense_batch)
         self.waiting: deque[Job] = deque()
 
     @property
@@ -192,11 +195,13 @@ class Call:
 
 class Worker:
     def __init__(self, options: HostOptions, max_queue: int, metrics: Metrics,
-                 expired: Callable[[], list[ServedModel]] = list):
+                 expired: Callable[[], list[ServedModel]] = list,
+                 around: Callable[[], AbstractContextManager] = nullcontext):
         self.options = options
         self.max_queue = max_queue
         self.metrics = metrics
         self.expired = expired  # the registry's: idle models past their keep-alive
+        self.around = around  # the thread runs inside it (a distributed run's rank 0 leads)
         self._queue: queue.Queue[Job | Call | None] = queue.Queue()
         self._lock = threading.Lock()
         self._hosts: dict[int, Host] = {}  # by id of their ServedModel
@@ -276,6 +281,10 @@ class Worker:
     # ---- the thread -------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        with self.around():
+            self._serve()
+
+    def _serve(self) -> None:
         more = True
         try:
             while True:
