@@ -20,7 +20,7 @@ import mlx.core as mx
 
 from gemma_mlx.bench import shape_config
 from gemma_mlx.config import ModelConfig
-from gemma_mlx.distributed import Sharding, shard_block
+from gemma_mlx.distributed import RankOf, Sharding, shard_block
 from gemma_mlx.loading import QuantizeSpec, parameter_bytes, quantize_text_decoder
 
 SHAPES = ("12b", "27b")
@@ -28,22 +28,9 @@ SPLITS = (("one machine", None, 1), ("tensor", "tensor", 2), ("tensor", "tensor"
           ("pipeline", "pipeline", 2), ("pipeline", "pipeline", 4))
 
 
-class StandIn:
-    """A group of `size` ranks seen from rank `rank`, for plans without processes."""
-
-    def __init__(self, rank: int, size: int):
-        self._rank, self._size = rank, size
-
-    def rank(self) -> int:
-        return self._rank
-
-    def size(self) -> int:
-        return self._size
-
-
 def rank_weights(config: ModelConfig, mode: str | None, rank: int, size: int) -> int:
     """Bytes of one rank's weights, laid out as the mlx-community 4-bit repos are."""
-    sharding = Sharding.plan(mode, config, StandIn(rank, size)) if mode else None
+    sharding = Sharding.plan(mode, config, RankOf(rank, size)) if mode else None
     net = sharding.build(config) if sharding else None
     if net is None:
         from gemma_mlx.model.gemma3 import Gemma3
@@ -62,7 +49,7 @@ def kv_bytes(config: ModelConfig, mode: str | None, rank: int, size: int, contex
     text = config.text
     layers = range(text.num_hidden_layers)
     if mode == "pipeline":
-        layers = Sharding.plan(mode, config, StandIn(rank, size)).layers
+        layers = Sharding.plan(mode, config, RankOf(rank, size)).layers
     heads = text.num_key_value_heads
     if mode == "tensor":
         heads = max(1, heads // size)

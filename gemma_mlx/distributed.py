@@ -36,7 +36,6 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.base import create_attention_mask
 
 from .config import ModelConfig, TextConfig
 from .errors import BadSplit, RankUnavailable
@@ -77,6 +76,21 @@ def start_group(timeout: float = JOIN_TIMEOUT_S) -> Any:
 
 
 # ---- the plan: what this rank holds ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class RankOf:
+    """Rank `rank` of a group of `size`, without processes: to plan what a rank would hold
+    (memory tables, tests)."""
+
+    index: int
+    count: int
+
+    def rank(self) -> int:
+        return self.index
+
+    def size(self) -> int:
+        return self.count
+
 
 @dataclass
 class Sharding:
@@ -367,15 +381,7 @@ class PipelineDecoder(TextDecoder):
         """Masks from this rank's own caches: the first global and the first sliding layer it
         runs (None for a kind it has none of)."""
         own = [i for i, layer in enumerate(self.layers) if layer is not None]
-        first_global = next((i for i in own if not self.cfg.is_sliding(i)), None)
-        first_sliding = next((i for i in own if self.cfg.is_sliding(i)), None)
-        global_mask = sliding_mask = None
-        if first_global is not None:
-            global_mask = create_attention_mask(h, cache[first_global])
-        if first_sliding is not None:
-            sliding_mask = create_attention_mask(h, cache[first_sliding],
-                                                 window_size=self.cfg.sliding_window)
-        return global_mask, sliding_mask
+        return super().causal_masks(h, cache, own)
 
     def make_cache(self, kv_bits: int | None = None) -> list:
         """A cache per layer of the whole model, as on one machine: mlx-lm's for this rank's

@@ -19,7 +19,7 @@ import pytest
 from checkpoints import TEXT, VISION, write_tiny_checkpoint, write_weights
 from distributed_worker import case_outputs, load_case
 
-from gemma_mlx.distributed import check_tensor_split, split_layers
+from gemma_mlx.distributed import RankOf, check_tensor_split, split_layers
 from gemma_mlx.errors import BadSplit
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -311,19 +311,6 @@ def test_tensor_split_errors_name_what_divides():
         check_tensor_split(cfg, 3)
 
 
-class OneRankOf:
-    """A stand-in for a group, for plans made without processes."""
-
-    def __init__(self, rank: int, size: int):
-        self._rank, self._size = rank, size
-
-    def rank(self) -> int:
-        return self._rank
-
-    def size(self) -> int:
-        return self._size
-
-
 def test_a_pipeline_rank_opens_only_the_shards_holding_its_layers(folders, tmp_path,
                                                                  monkeypatch):
     """A checkpoint in two files (mlx-lm's text layout and index): rank 0 of two reads only
@@ -348,7 +335,7 @@ def test_a_pipeline_rank_opens_only_the_shards_holding_its_layers(folders, tmp_p
     monkeypatch.setattr(mx, "load", lambda f: opened.append(Path(f).name) or read(f))
 
     def rank_of_two(rank: int):
-        return lambda cfg: Sharding.plan("pipeline", cfg, OneRankOf(rank, 2))
+        return lambda cfg: Sharding.plan("pipeline", cfg, RankOf(rank, 2))
 
     net, _ = loading.load_net(tmp_path, shard=rank_of_two(0))
     assert opened == ["model-00001-of-00002.safetensors"]

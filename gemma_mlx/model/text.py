@@ -9,6 +9,7 @@ same computation for one token at a time as one compiled graph; this module know
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import mlx.core as mx
@@ -144,10 +145,13 @@ class TextDecoder(nn.Module):
                 queued = h
         return self.norm(h)
 
-    def causal_masks(self, h: mx.array, cache: list) -> tuple[Any, Any]:
-        types = self.cfg.layer_types
-        first_global = types.index("full_attention") if "full_attention" in types else None
-        first_sliding = types.index("sliding_attention") if "sliding_attention" in types else None
+    def causal_masks(self, h: mx.array, cache: list,
+                     layers: Sequence[int] | None = None) -> tuple[Any, Any]:
+        """The (global, sliding) masks, each from the cache of the first layer of its kind
+        among `layers` (all of them by default)."""
+        layers = range(len(self.cfg.layer_types)) if layers is None else layers
+        first_global = next((i for i in layers if not self.cfg.is_sliding(i)), None)
+        first_sliding = next((i for i in layers if self.cfg.is_sliding(i)), None)
         global_mask = sliding_mask = None
         if first_global is not None:
             global_mask = create_attention_mask(h, cache[first_global])
