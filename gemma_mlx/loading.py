@@ -10,6 +10,8 @@ unless `quantize=False`.
 from __future__ import annotations
 
 import json
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -381,14 +383,37 @@ def folder_has_chat_template(path: Path) -> bool:
         return False
 
 
+TOKENIZERS_KEPT = 4  # tokenizers kept loaded in a process, the least recently used first out
+_TOKENIZERS: OrderedDict[tuple, Any] = OrderedDict()
+_TOKENIZERS_LOCK = threading.Lock()
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+                    "chat_template.json")
+
+
 def load_tokenizer(path: Path) -> Any:
-    """mlx-lm's TokenizerWrapper (with its streaming detokenizer) over the HF tokenizer."""
+    """mlx-lm's TokenizerWrapper (with its streaming detokenizer) over the HF tokenizer.
+
+    Reading Gemma's 262k-token tokenizer takes about 6 s on a two-core x86 CPU (its 33 MB
+    JSON is parsed several times), ten times the 270M's weights; so a process keeps the last
+    few, by folder and by their files' sizes and times (a server loading models again, tests,
+    scripts). They are shared: the wrapper hands every caller its own detokenizer."""
     from mlx_lm.tokenizer_utils import load as load_hf_tokenizer
 
     if not (path / "tokenizer.json").exists() and not (path / "tokenizer.model").exists():
         raise BadCheckpoint(f"{path} has no tokenizer (tokenizer.json or tokenizer.model): "
                             "copy the tokenizer files from the original repo")
-    return load_hf_tokenizer(path, eos_token_ids=[1, 106])
+    key = (str(path.resolve()), *((name, f.stat().st_size, f.stat().st_mtime_ns)
+                                  for name in _TOKENIZER_FILES if (f := path / name).exists()))
+    with _TOKENIZERS_LOCK:
+        tokenizer = _TOKENIZERS.pop(key, None)
+    if tokenizer is None:
+        tokenizer = load_hf_tokenizer(path, eos_token_ids=[1, 106])
+    with _TOKENIZERS_LOCK:
+        _TOKENIZERS[key] = tokenizer
+        while len(_TOKENIZERS) > TOKENIZERS_KEPT:
+            _TOKENIZERS.popitem(last=False)
+    return tokenizer
 
 
 def parameter_bytes(net: nn.Module) -> int:
