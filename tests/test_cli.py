@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gemma_mlx import cli
+from gemma_mlx import cli, constrain
 
 PROMPT = "The capital of France is"
 
@@ -174,17 +174,36 @@ PERSON = {"type": "object", "properties": {
     "required": ["name", "age"], "additionalProperties": False}
 
 
-@pytest.mark.parametrize("as_file", [True, False])
-def test_json_schema_replies_validate(folder_270m, tmp_path, as_file):
+def test_json_schema_replies_validate(folder_270m, tmp_path):
     import jsonschema
 
     schema = tmp_path / "person.json"
     schema.write_text(json.dumps(PERSON))
-    value = str(schema) if as_file else json.dumps(PERSON)
-    result = run("-m", "270m", "A person as JSON:", "--json-schema", value, "--max-tokens", "40",
-                 "--temp", "0")
+    result = run("-m", "270m", "A person as JSON:", "--json-schema", str(schema),
+                 "--max-tokens", "40", "--temp", "0")
     assert result.returncode == 0, result.stderr
     jsonschema.validate(json.loads(result.stdout), PERSON)
+
+
+def test_json_schema_is_a_file_or_the_schema_itself(monkeypatch, tmp_path):
+    seen = []
+
+    class FakeModel:
+        has_chat_template = True
+        path = Path("fake")
+
+    def fake_stream(model, prompt, **options):
+        seen.append(options["json_schema"])
+        return iter(())
+
+    monkeypatch.setattr("gemma_mlx.loading.load", lambda name, **options: FakeModel())
+    monkeypatch.setattr("gemma_mlx.chat.stream", fake_stream)
+    schema = tmp_path / "person.json"
+    schema.write_text(json.dumps(PERSON))
+    for value in (str(schema), json.dumps(PERSON)):
+        assert cli.main(["A person as JSON:", "--json-schema", value]) == 0
+    assert seen[0].kind == seen[1].kind == "json_schema"
+    assert seen[0].text == seen[1].text == constrain.json_schema(PERSON).text
 
 
 def test_json_option_asks_for_any_json_object(monkeypatch):
