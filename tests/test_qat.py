@@ -272,9 +272,9 @@ def test_convert_qat_writes_the_grid_in_float16_scales(plain, tmp_path, capsys):
     ours = gemma_mlx.load(str(out))
     assert ours.description.endswith("(4-bit g32 Q4_0)")
     assert_linear_layers_on_gguf_grid(ours.net, source)
-    from mlx_lm import load as mlx_lm_load
+    from mlx_lm.utils import load_model
 
-    reference, _ = mlx_lm_load(str(out))
+    reference, _ = load_model(out)
     reference.set_dtype(mx.float32)
     assert mx.allclose(ours(IDS), reference(IDS), atol=1e-3, rtol=1e-3)
     # and with qat=True, a folder on the grid loads as it is
