@@ -21,6 +21,13 @@
 #             no drafts accepted: what a step costs) and the 4B as its own draft (every
 #             draft accepted), DRAFT_TOKENS 2 3 4 at a time: with the two, the speed-up at
 #             any acceptance rate follows                                ~10 minutes
+#   constraint  bench --json-schema (records.json) beside plain decoding, 4B   ~1 minute
+#   server    benchmarks/server_overhead.py: decode through the HTTP API vs the library, and
+#             the follow-up time to first token of a 4K conversation, 4B   ~3 minutes
+#   concurrency  bench --concurrency 1,4,8,16 --compare mlx-lm, 4B, 256+128 tokens, with
+#             --dense-batch and without                                  ~5 minutes
+# Random shapes borrow a tokenizer for the constraint and the server: $TOKENIZER (a folder
+# with the 270M's tokenizer files; default: the 270M package's).
 set -u
 export PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/gemma-bench}
@@ -93,6 +100,24 @@ if want speculative; then
         --prompt-tokens 512,4096 --gen-tokens 128 --repeats "${REPEATS:-3}" --json \
         >"$out/$name.json" && show "$out/$name.json"
     done
+  done
+fi
+if want constraint; then
+  GEMMA_MLX_BENCH_TOKENIZER=${TOKENIZER:-270m} python3 -m gemma_mlx bench --random 4b \
+    --json-schema benchmarks/schemas/records.json --prompt-tokens 512 --gen-tokens 128 \
+    --repeats "${REPEATS:-3}" --json >"$out/bench_4b_json_schema.json" \
+    && show "$out/bench_4b_json_schema.json"
+fi
+if want server; then
+  python3 benchmarks/server_overhead.py --random 4b --context 4096 --repeats "${REPEATS:-3}" \
+    ${TOKENIZER:+--tokenizer "$TOKENIZER"} --json "$out/server_overhead_4b.json"
+fi
+if want concurrency; then
+  for dense in --dense-batch ""; do
+    name=concurrency_4b${dense:+_dense}
+    python3 -m gemma_mlx bench --random 4b --concurrency 1,4,8,16 --compare mlx-lm $dense \
+      --prompt-tokens 256 --gen-tokens 128 --repeats 2 --json >"$out/$name.json" \
+      && show "$out/$name.json"
   done
 fi
 } 2>&1 | tee "$out/run.log"

@@ -113,6 +113,7 @@ class Job:
         self._loop = loop
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self.cancelled = threading.Event()
+        self.on_end: Callable[[], None] = lambda: None  # the worker's count of open jobs
 
     def cancel(self) -> None:
         """The client went away: stop at the next token (or never start)."""
@@ -122,6 +123,8 @@ class Job:
         """From the worker thread. The last event lets the model go."""
         if not isinstance(event, Delta):
             self.claim.release()
+            end, self.on_end = self.on_end, lambda: None  # once
+            end()
         self._loop.call_soon_threadsafe(self._events.put_nowait, event)
 
     async def events(self) -> AsyncIterator[Event]:

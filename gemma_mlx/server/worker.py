@@ -203,10 +203,11 @@ class Worker:
         self.expired = expired  # the registry's: idle models past their keep-alive
         self.around = around  # the thread runs inside it (a distributed run's rank 0 leads)
         self._queue: queue.Queue[Job | Call | None] = queue.Queue()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # submit, and jobs ending on the worker thread
         self._hosts: dict[int, Host] = {}  # by id of their ServedModel
         self._deferred: list[Call] = []  # loads waiting for room
         self._running: dict[int, Generation] = {}  # by id of their batch stream
+        self._open: dict[int, int] = {}  # jobs submitted and not yet ended, by id of their model
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="gemma-mlx-worker", daemon=True)
 
@@ -216,10 +217,14 @@ class Worker:
     def submit(self, job: Job) -> None:
         self._check_open()
         with self._lock:
-            if self.waiting - self._free_rows(job.served) >= self.max_queue:
+            key = id(job.served)
+            self._open[key] = self._open.get(key, 0) + 1
+            if self._queued() > self.max_queue:
+                self._close_one(key)
                 self.metrics.rejected.inc()
                 raise APIError(429, f"the server is busy ({self.max_queue} requests waiting): "
                                "retry shortly", code="queue_full", headers={"Retry-After": "1"})
+            job.on_end = lambda: self._close_one(key)
             self._queue.put(job)
             self.metrics.queue_depth.set(self.waiting)
 
@@ -271,12 +276,20 @@ class Worker:
             raise APIError(503, "the server is shutting down: try again later",
                            code="unavailable")
 
-    def _free_rows(self, served: ServedModel | None) -> int:
-        host = self._hosts.get(id(served))
-        if host is None:
-            return self.options.max_batch or 1
-        running = sum(1 for g in list(self._running.values()) if g.job.served is served)
-        return max(0, host.max_batch - running)
+    def _queued(self) -> int:
+        """Jobs that no row would take now: counted from submission to their end, so a job
+        the worker is moving between its queues is never missed (the 429 decision)."""
+        return sum(max(0, n - self._rows(key)) for key, n in self._open.items())
+
+    def _rows(self, key: int) -> int:
+        host = self._hosts.get(key)
+        return host.max_batch if host is not None else (self.options.max_batch or 1)
+
+    def _close_one(self, key: int) -> None:
+        with self._lock:
+            self._open[key] -= 1
+            if not self._open[key]:
+                del self._open[key]
 
     # ---- the thread -------------------------------------------------------------------------
 
