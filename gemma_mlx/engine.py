@@ -224,20 +224,24 @@ def generate_tokens(model: Model, prompt: Sequence[int], cache: list,
     where the caches allow; `compiled=False` decodes op by op through the model instead (the
     reference the compiled path must equal). A `constraint` (constrain.py) masks each step's
     logits to the tokens its grammar allows (logprobs stay the model's own, before the mask)."""
-    if settings.seed is not None:
-        mx.random.seed(settings.seed)
+    # A seed's own key sequence (what `mx.random.seed` would give), not the process's random
+    # state, which anything else may draw from between two runs with one seed.
+    key = mx.random.key(settings.seed) if settings.seed is not None else None
     sampler = make_sampler(settings.temp, settings.top_p, settings.min_p, settings.top_k)
     processors = make_logits_processors(repetition_penalty=settings.repetition_penalty)
     history = mx.array(prompt)
 
     def sample(logits: mx.array, allowed: mx.array | None = None) -> mx.array:
-        nonlocal history
+        nonlocal history, key
         raw = logits
         if allowed is not None:
             logits = mx.where(allowed, logits, -mx.inf)
         for processor in processors:
             logits = processor(history, logits[None])[0]
-        token = model.agree(sampler((logits - mx.logsumexp(logits))[None]))
+        draw = None
+        if key is not None and settings.temp != 0:
+            key, draw = mx.random.split(key)
+        token = model.agree(sampler((logits - mx.logsumexp(logits))[None], draw))
         if processors:
             history = mx.concatenate([history, token])
         if logprobs is not None:

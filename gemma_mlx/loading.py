@@ -9,6 +9,7 @@ unless `quantize=False`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from collections import OrderedDict
@@ -396,15 +397,15 @@ def load_tokenizer(path: Path) -> Any:
 
     Reading Gemma's 262k-token tokenizer takes about 6 s on a two-core x86 CPU (its 33 MB
     JSON is parsed several times), ten times the 270M's weights; so a process keeps the last
-    few, by folder and by their files' sizes and times (a server loading models again, tests,
-    scripts). They are shared: the wrapper hands every caller its own detokenizer."""
+    few, by the contents of their files (hashing them takes ~50 ms): every Gemma 3 size has
+    the same tokenizer, so a server loading a second model, or a model again, reads it once.
+    They are shared: the wrapper hands every caller its own detokenizer."""
     from mlx_lm.tokenizer_utils import load as load_hf_tokenizer
 
     if not (path / "tokenizer.json").exists() and not (path / "tokenizer.model").exists():
         raise BadCheckpoint(f"{path} has no tokenizer (tokenizer.json or tokenizer.model): "
                             "copy the tokenizer files from the original repo")
-    key = (str(path.resolve()), *((name, f.stat().st_size, f.stat().st_mtime_ns)
-                                  for name in _TOKENIZER_FILES if (f := path / name).exists()))
+    key = tuple((name, _digest(f)) for name in _TOKENIZER_FILES if (f := path / name).exists())
     with _TOKENIZERS_LOCK:
         tokenizer = _TOKENIZERS.pop(key, None)
     if tokenizer is None:
@@ -414,6 +415,10 @@ def load_tokenizer(path: Path) -> Any:
         while len(_TOKENIZERS) > TOKENIZERS_KEPT:
             _TOKENIZERS.popitem(last=False)
     return tokenizer
+
+
+def _digest(file: Path) -> str:
+    return hashlib.blake2b(file.read_bytes()).hexdigest()
 
 
 def parameter_bytes(net: nn.Module) -> int:

@@ -118,8 +118,6 @@ class Draft:
         `num_draft_tokens` at a time. When the caller stops reading, both caches are left
         holding the prompt and the tokens it read (the last one maybe not), as after plain
         decoding, so a conversation can keep them."""
-        if settings.seed is not None:
-            mx.random.seed(settings.seed)
         rule = Rule(settings, model.config.text.vocab_size)
         history = list(prompt)  # for the logits processors (repetition penalty)
         start = time.perf_counter()
@@ -272,6 +270,15 @@ class Rule:
         self.settings = settings
         self.sampler = make_sampler(settings.temp, settings.top_p, settings.min_p,
                                     settings.top_k)
+        # A seed's own key sequence, as the plain engine keeps it (engine.generate_tokens)
+        self.key = mx.random.key(settings.seed) if settings.seed is not None else None
+
+    def _key(self) -> mx.array | None:
+        """The next key of the seed's sequence (None without a seed: the process's state)."""
+        if self.key is None:
+            return None
+        self.key, key = mx.random.split(self.key)
+        return key
 
     def logprobs(self, logits: mx.array, history: Sequence) -> mx.array:
         """Processed, normalised logits [vocab] after `history`: ints, then token arrays."""
@@ -283,7 +290,7 @@ class Rule:
 
     def sample(self, logprobs: mx.array) -> mx.array:
         """One token [1], exactly as the plain engine samples it."""
-        return self.sampler(logprobs[None])
+        return self.sampler(logprobs[None], None if self.greedy else self._key())
 
     def distribution(self, logprobs: mx.array) -> mx.array:
         """The sampler's distribution [..., vocab] (float32)."""
@@ -296,7 +303,7 @@ class Rule:
         if self.greedy:
             return mx.argmax(self.logprobs(logits, history) if self.processors else logits), None
         q = self.distribution(self.logprobs(logits, history)[None])[0]
-        return mx.random.categorical(mx.log(q)), q
+        return mx.random.categorical(mx.log(q), key=self._key()), q
 
     def accept(self, logits: mx.array, drafted: mx.array | None, q: mx.array | None,
                history: list[int]) -> tuple[int, list[int]]:
@@ -316,18 +323,18 @@ class Rule:
             return _agree([t == d for t, d in zip(own.tolist(), _ids(drafted), strict=False)],
                           _ids(drafted), own.tolist())
         p = self.distribution(logprobs)
-        bonus = mx.random.categorical(mx.log(p[k]))
+        bonus = mx.random.categorical(mx.log(p[k]), key=self._key())
         if k == 0:
             return 0, [bonus.item()]
         if q.shape[-1] < p.shape[-1]:  # a draft without the target's extra (image) ids
             q = mx.pad(q, [(0, 0), (0, p.shape[-1] - q.shape[-1])])
         p_x = mx.take_along_axis(p[:k], drafted[:, None], axis=-1)[:, 0]
         q_x = mx.take_along_axis(q, drafted[:, None], axis=-1)[:, 0]
-        accepted = mx.random.uniform(shape=(k,)) * q_x < p_x  # with probability min(1, p / q)
+        accepted = mx.random.uniform(shape=(k,), key=self._key()) * q_x < p_x  # p(min(1, p/q))
         residual = mx.maximum(p[:k] - q, 0.0)
         # Where p == q a draft is always accepted and the residual is never used.
         residual = mx.where(residual.sum(axis=-1, keepdims=True) > 0, residual, p[:k])
-        fix = mx.random.categorical(mx.log(residual))
+        fix = mx.random.categorical(mx.log(residual), key=self._key())
         mx.eval(accepted, fix, bonus, drafted)
         own = [*fix.tolist(), bonus.item()]
         return _agree(accepted.tolist(), _ids(drafted), own)

@@ -132,3 +132,14 @@ def test_the_decoder_knows_nothing_of_its_compiled_step():
     imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
                  for alias in node.names}
     assert not any(name.split(".")[-1] == "decode" for name in imported), imported
+
+
+def test_a_seed_draws_the_same_whatever_ran_before(small_capacity_step):
+    """A seeded run is its seed's alone: the first in a fresh model (which compiles its step)
+    and a later one, with random draws elsewhere in between, give the same tokens."""
+    model = tiny_model()
+    settings = SamplingSettings(temp=1.0, max_tokens=40, seed=3)
+    first = list(generate_tokens(model, PROMPT, model.make_cache(), settings, Stats()))
+    mx.random.uniform(shape=(5,))  # someone else's draw
+    again = list(generate_tokens(model, PROMPT, model.make_cache(), settings, Stats()))
+    assert first == again

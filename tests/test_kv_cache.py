@@ -10,10 +10,10 @@ import mlx.core as mx
 import pytest
 from mlx_lm.models.cache import QuantizedKVCache, RotatingKVCache
 from test_chat import GREEDY, fed, record_prefills, talk, tiny_model  # noqa: F401
-from test_cli import assert_one_line_error, run
+from test_cli import main_error, run
 
 import gemma_mlx
-from gemma_mlx import BadRequest, Chat, ContextOverflow
+from gemma_mlx import BadRequest, Chat, ContextOverflow, cli
 from gemma_mlx.chat import prompt_ids
 from gemma_mlx.engine import SamplingSettings, stream_tokens
 
@@ -100,13 +100,15 @@ def test_chat_with_a_quantized_cache_reuses_it_across_turns(tiny, tmp_path):
         Chat(tiny, kv_bits=16)
 
 
-def test_cli_one_shot_takes_kv_bits_and_max_context():
+def test_cli_one_shot_takes_kv_bits_and_max_context(model_270m, capsys):
     result = run("-m", "270m", PROMPT, "--raw", "--temp", "0", "--max-tokens", "3",
                  "--kv-bits", "8", "--max-context", "128")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
-    assert_one_line_error(run("-m", "270m", PROMPT * 6, "--raw", "--max-context", "64"),
-                          "context window holds 64")
-    assert_one_line_error(run("-m", "270m", PROMPT, "--max-context", "8"), "at least 64")
-    bad_bits = run("-m", "270m", PROMPT, "--kv-bits", "3")
-    assert bad_bits.returncode == 2 and "--kv-bits: invalid choice: 3" in bad_bits.stderr
+    assert "context window holds 64" in main_error(capsys, "-m", "270m", PROMPT * 6, "--raw",
+                                                   "--max-context", "64")
+    assert "at least 64" in main_error(capsys, "-m", "270m", PROMPT, "--max-context", "8")
+    with pytest.raises(SystemExit) as bad_bits:
+        cli.main(["-m", "270m", PROMPT, "--kv-bits", "3"])
+    assert bad_bits.value.code == 2
+    assert "--kv-bits: invalid choice: 3" in capsys.readouterr().err

@@ -220,3 +220,14 @@ def test_quantized_vision_layers_load_as_the_files_say(google_vision_folder, tmp
     ids = image_prompt_ids()
     assert mx.allclose(loaded(ids, pixel_values=pixels), google(ids, pixel_values=pixels),
                        atol=1e-4)
+
+
+def test_copies_of_one_tokenizer_are_read_once(folder_270m, tmp_path):
+    """Every Gemma 3 size ships the same tokenizer files: a process reads them once, whichever
+    folder they are in (a server loading a second model does not pay ~6 s again)."""
+    from gemma_mlx.loading import load_tokenizer
+
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    copy_tokenizer(folder_270m, copy)
+    assert load_tokenizer(copy) is load_tokenizer(folder_270m)

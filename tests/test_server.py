@@ -464,15 +464,10 @@ def server_270m(folder_270m):
         yield running
 
 
-def test_completions_equal_the_cli_raw(server_270m):
-    import subprocess
-    import sys
-
+def test_completions_equal_the_library_and_cli_raw(server_270m, model_270m):
+    """What the library completes, as the one-shot CLI's --raw does (tests/test_cli.py)."""
     prompt = "The capital of France is"
-    cli = subprocess.run([sys.executable, "-m", "gemma_mlx", "-m", "270m", "--raw", prompt,
-                          "--max-tokens", "8", "--temp", "0"], capture_output=True, text=True,
-                         timeout=300)
-    expected = cli.stdout.removesuffix("\n")
+    expected = gemma_mlx.generate(model_270m, prompt, raw=True, max_tokens=8, temp=0)
     client = openai.OpenAI(base_url=server_270m.v1, api_key="unused", max_retries=0,
                            timeout=300)
     reply = client.completions.create(model="270m", prompt=prompt, max_tokens=8, temperature=0)
