@@ -257,3 +257,33 @@ def test_expired_models_are_only_idle_ones_past_their_time():
     idle.expires_at = busy.expires_at = 0.0
     assert registry.expired() == [idle]
     assert registry.loaded() == [busy]
+
+
+def test_a_job_the_worker_holds_between_its_queues_still_counts_against_max_queue():
+    """--max-batch 1 --max-queue 0: while the first job is anywhere between submission and
+    its end, including in the worker's hands before it is started, a second one gets 429."""
+    import asyncio
+
+    from gemma_mlx.server.jobs import Claim, Failed, Job
+    from gemma_mlx.server.metrics import Metrics
+    from gemma_mlx.server.worker import HostOptions, Worker
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        worker = Worker(HostOptions(max_batch=1), max_queue=0, metrics=Metrics())
+        worker._thread = threading.current_thread()  # open for submissions; no loop runs
+        served = object()
+
+        def job() -> Job:
+            return Job(request=None, loop=loop, claim=Claim(served, lambda: None))
+
+        first = job()
+        worker.submit(first)
+        worker._queue.get_nowait()  # the worker took it and has not started it yet
+        with pytest.raises(APIError) as refused:
+            worker.submit(job())
+        assert refused.value.status == 429
+        first.emit(Failed(APIError(503, "done")))  # it ends: its place is free again
+        worker.submit(job())
+
+    asyncio.run(scenario())
