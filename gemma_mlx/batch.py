@@ -54,6 +54,22 @@ from .session import Session
 BATCH_PREFILL_CHUNK = 512  # tokens of a newcomer's prompt per step of the running streams
 
 
+BATCH_MIN_CAPACITY = 128  # slots of the global layers of a young batch
+
+
+def batch_capacity(needed: int) -> int:
+    """Global-layer slots for a timeline of `needed`: doubling from BATCH_MIN_CAPACITY to
+    DECODE_CAPACITY_STEP, then whole steps. Every row attends over all of them (masked), so
+    short requests should not pay for 512: on a two-core CPU, 8 rows of a tiny model stepped in
+    3.9 ms over 128 slots against 6.2 ms over 512. Each size is traced once per row count."""
+    size = BATCH_MIN_CAPACITY
+    while size < needed and size < DECODE_CAPACITY_STEP:
+        size *= 2
+    if needed <= size:
+        return size
+    return -(-needed // DECODE_CAPACITY_STEP) * DECODE_CAPACITY_STEP
+
+
 class RowSampler:
     """One stream's sampling, as the engine's sampler does it (sampling.py), but with the
     stream's own random key when it has a seed: the key sequence `mx.random.seed` gives a solo
@@ -189,7 +205,7 @@ class KVRows:
 
     def room(self) -> None:
         """Make the global layers hold slot `now`: drop the slots before the earliest start,
-        then grow in whole DECODE_CAPACITY_STEPs."""
+        then grow (batch_capacity)."""
         if self.now < self.capacity:
             return
         used = [s for s in self.starts if s is not None]
@@ -198,7 +214,7 @@ class KVRows:
         needed = self.now + 1
         if needed <= self.capacity:
             return
-        size = -(-needed // DECODE_CAPACITY_STEP) * DECODE_CAPACITY_STEP
+        size = batch_capacity(needed)
         for i, layer in enumerate(self.buffers):
             if not self._sliding(i):
                 self.buffers[i] = [mx.concatenate([a, mx.zeros(

@@ -74,6 +74,7 @@ def test_the_timeline_moves_and_compacts_as_streams_come_and_go(model, monkeypat
     from gemma_mlx import batch as batch_module
 
     monkeypatch.setattr(batch_module, "DECODE_CAPACITY_STEP", 16)
+    monkeypatch.setattr(batch_module, "BATCH_MIN_CAPACITY", 16)
     plan = [(PROMPTS[0], 40, 0), (PROMPTS[3], 10, 3), (PROMPTS[2], 30, 20), (PROMPTS[1], 20, 45)]
     expected = [solo(model, p, temp=0, max_tokens=n) for p, n, _ in plan]
     streams = [Stream(Prompt(prompt_ids(model, p, raw=True)), SamplingSettings(temp=0,
@@ -219,3 +220,11 @@ def test_a_bad_stream_is_refused_and_the_batch_carries_on(model):
     while not batch.idle:
         last = [c for s, c in batch.step() if c.finish_reason is not None] or last
     assert last[0].tokens == solo(model, PROMPTS[0], temp=0, max_tokens=5)
+
+
+def test_the_global_layers_grow_by_doubling_then_by_whole_steps():
+    from gemma_mlx.batch import batch_capacity
+    from gemma_mlx.model.decode import DECODE_CAPACITY_STEP
+
+    assert [batch_capacity(n) for n in (1, 128, 129, 300)] == [128, 128, 256, 512]
+    assert batch_capacity(DECODE_CAPACITY_STEP + 1) == 2 * DECODE_CAPACITY_STEP
