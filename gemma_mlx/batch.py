@@ -48,7 +48,7 @@ from .model.decode import (
     decode_program,
 )
 from .prompt import Prompt
-from .sampling import make_sampler
+from .sampling import SeedKeys, make_sampler
 from .session import Session
 
 BATCH_PREFILL_CHUNK = 512  # tokens of a newcomer's prompt per step of the running streams
@@ -77,7 +77,7 @@ class RowSampler:
 
     def __init__(self, settings: SamplingSettings, prompt: Sequence[int]):
         self.temp = settings.temp
-        self.key = mx.random.key(settings.seed) if settings.seed is not None else None
+        self.keys = SeedKeys(settings.seed)
         self.processors = make_logits_processors(repetition_penalty=settings.repetition_penalty)
         self.history = mx.array(list(prompt)) if self.processors else None
         self.sample = make_sampler(settings.temp, settings.top_p, settings.min_p,
@@ -93,10 +93,7 @@ class RowSampler:
         for processor in self.processors:
             logits = processor(self.history, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        key = None
-        if self.temp != 0 and self.key is not None:
-            self.key, key = mx.random.split(self.key)
-        token = self.sample(logprobs, key)
+        token = self.sample(logprobs, self.keys.next() if self.temp != 0 else None)
         if self.processors:
             self.history = mx.concatenate([self.history, token])
         return token

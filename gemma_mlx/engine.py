@@ -20,7 +20,7 @@ from mlx_lm.sample_utils import make_logits_processors
 from .errors import BadRequest, ContextOverflow
 from .loading import Model
 from .model.decode import compiled_decode
-from .sampling import make_sampler
+from .sampling import SeedKeys, make_sampler
 
 if TYPE_CHECKING:
     from .constrain import Constraint
@@ -224,23 +224,19 @@ def generate_tokens(model: Model, prompt: Sequence[int], cache: list,
     where the caches allow; `compiled=False` decodes op by op through the model instead (the
     reference the compiled path must equal). A `constraint` (constrain.py) masks each step's
     logits to the tokens its grammar allows (logprobs stay the model's own, before the mask)."""
-    # A seed's own key sequence (what `mx.random.seed` would give), not the process's random
-    # state, which anything else may draw from between two runs with one seed.
-    key = mx.random.key(settings.seed) if settings.seed is not None else None
+    keys = SeedKeys(settings.seed)
     sampler = make_sampler(settings.temp, settings.top_p, settings.min_p, settings.top_k)
     processors = make_logits_processors(repetition_penalty=settings.repetition_penalty)
     history = mx.array(prompt)
 
     def sample(logits: mx.array, allowed: mx.array | None = None) -> mx.array:
-        nonlocal history, key
+        nonlocal history
         raw = logits
         if allowed is not None:
             logits = mx.where(allowed, logits, -mx.inf)
         for processor in processors:
             logits = processor(history, logits[None])[0]
-        draw = None
-        if key is not None and settings.temp != 0:
-            key, draw = mx.random.split(key)
+        draw = keys.next() if settings.temp != 0 else None
         token = model.agree(sampler((logits - mx.logsumexp(logits))[None], draw))
         if processors:
             history = mx.concatenate([history, token])

@@ -42,6 +42,22 @@ def filter_logprobs(logprobs: mx.array, top_p: float = 0.0, min_p: float = 0.0,
     return mx.where(logprobs < threshold, -mx.inf, logprobs)
 
 
+class SeedKeys:
+    """A seed's own random key sequence: what `mx.random.seed(seed)` gives the process's random
+    state, kept apart so that nothing else drawing in between (another run, another stream of
+    a batch) changes a seeded run's draws. Without a seed, `next()` is None: the process's
+    state."""
+
+    def __init__(self, seed: int | None):
+        self._key = mx.random.key(seed) if seed is not None else None
+
+    def next(self) -> mx.array | None:
+        if self._key is None:
+            return None
+        self._key, key = mx.random.split(self._key)
+        return key
+
+
 def make_sampler(temp: float, top_p: float = 0.0, min_p: float = 0.0,
                  top_k: int = 0) -> Callable[[mx.array], mx.array]:
     """A function from log-probabilities [..., vocab] to tokens [...]: argmax at temp 0, else

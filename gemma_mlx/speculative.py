@@ -42,7 +42,7 @@ from .engine import SamplingSettings, Stats, prefill
 from .errors import BadRequest
 from .loading import Model
 from .model.decode import compiled_decode
-from .sampling import distribution, make_sampler
+from .sampling import SeedKeys, distribution, make_sampler
 
 DEFAULT_NUM_DRAFT_TOKENS = 3
 MAX_NUM_DRAFT_TOKENS = 64
@@ -270,15 +270,7 @@ class Rule:
         self.settings = settings
         self.sampler = make_sampler(settings.temp, settings.top_p, settings.min_p,
                                     settings.top_k)
-        # A seed's own key sequence, as the plain engine keeps it (engine.generate_tokens)
-        self.key = mx.random.key(settings.seed) if settings.seed is not None else None
-
-    def _key(self) -> mx.array | None:
-        """The next key of the seed's sequence (None without a seed: the process's state)."""
-        if self.key is None:
-            return None
-        self.key, key = mx.random.split(self.key)
-        return key
+        self.keys = SeedKeys(settings.seed)  # as the plain engine draws
 
     def logprobs(self, logits: mx.array, history: Sequence) -> mx.array:
         """Processed, normalised logits [vocab] after `history`: ints, then token arrays."""
@@ -290,7 +282,7 @@ class Rule:
 
     def sample(self, logprobs: mx.array) -> mx.array:
         """One token [1], exactly as the plain engine samples it."""
-        return self.sampler(logprobs[None], None if self.greedy else self._key())
+        return self.sampler(logprobs[None], None if self.greedy else self.keys.next())
 
     def distribution(self, logprobs: mx.array) -> mx.array:
         """The sampler's distribution [..., vocab] (float32)."""
@@ -303,7 +295,7 @@ class Rule:
         if self.greedy:
             return mx.argmax(self.logprobs(logits, history) if self.processors else logits), None
         q = self.distribution(self.logprobs(logits, history)[None])[0]
-        return mx.random.categorical(mx.log(q), key=self._key()), q
+        return mx.random.categorical(mx.log(q), key=self.keys.next()), q
 
     def accept(self, logits: mx.array, drafted: mx.array | None, q: mx.array | None,
                history: list[int]) -> tuple[int, list[int]]:
@@ -323,18 +315,18 @@ class Rule:
             return _agree([t == d for t, d in zip(own.tolist(), _ids(drafted), strict=False)],
                           _ids(drafted), own.tolist())
         p = self.distribution(logprobs)
-        bonus = mx.random.categorical(mx.log(p[k]), key=self._key())
+        bonus = mx.random.categorical(mx.log(p[k]), key=self.keys.next())
         if k == 0:
             return 0, [bonus.item()]
         if q.shape[-1] < p.shape[-1]:  # a draft without the target's extra (image) ids
             q = mx.pad(q, [(0, 0), (0, p.shape[-1] - q.shape[-1])])
         p_x = mx.take_along_axis(p[:k], drafted[:, None], axis=-1)[:, 0]
         q_x = mx.take_along_axis(q, drafted[:, None], axis=-1)[:, 0]
-        accepted = mx.random.uniform(shape=(k,), key=self._key()) * q_x < p_x  # p(min(1, p/q))
+        accepted = mx.random.uniform(shape=(k,), key=self.keys.next()) * q_x < p_x  # p(min(1, p/q))
         residual = mx.maximum(p[:k] - q, 0.0)
         # Where p == q a draft is always accepted and the residual is never used.
         residual = mx.where(residual.sum(axis=-1, keepdims=True) > 0, residual, p[:k])
-        fix = mx.random.categorical(mx.log(residual), key=self._key())
+        fix = mx.random.categorical(mx.log(residual), key=self.keys.next())
         mx.eval(accepted, fix, bonus, drafted)
         own = [*fix.tolist(), bonus.item()]
         return _agree(accepted.tolist(), _ids(drafted), own)
