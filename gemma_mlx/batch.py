@@ -37,6 +37,7 @@ from .engine import (
     Logprobs,
     SamplingSettings,
     Stats,
+    add_token,
     prefill_chunks,
 )
 from .errors import BadRequest, ContextOverflow
@@ -457,7 +458,7 @@ class Batch:
             return
         stream.tokens.append(token)
         if stream.detok is not None:
-            stream.detok.add_token(token)
+            add_token(stream.detok, token)
         stream.stats.generated_tokens = len(stream.tokens)
         stream.stats.decode_seconds = time.perf_counter() - stream._decode_start
         out.append((stream, Chunk(_text(stream), token, stream.stats,

@@ -308,6 +308,16 @@ def _constrained(token: mx.array, forward: Callable, sample: Callable, constrain
             mx.clear_cache()
 
 
+def add_token(detok: Any, token: int) -> None:
+    """Feed mlx-lm's streaming detokenizer one id. A vision model's embedding has 64 rows more
+    than Gemma's tokenizer has tokens (the image soft token and unused ids), which untrained or
+    odd weights may sample: such an id reads as no text, as an unknown token would, instead of
+    failing the generation."""
+    tokenmap = getattr(detok, "tokenmap", None)
+    if tokenmap is None or token < len(tokenmap):
+        detok.add_token(token)
+
+
 def cache_offset(cache: list) -> int:
     """How many tokens the cache has seen (every layer's cache counts the same)."""
     return cache[0].offset if cache else 0
@@ -380,7 +390,7 @@ def stream_tokens(model: Model, prompt: Sequence[int], settings: SamplingSetting
                     finish, stop_token = "stop", token
                     break
                 tokens.append(token)
-                detok.add_token(token)
+                add_token(detok, token)
                 stats.peak_memory = mx.get_peak_memory()
                 yield Chunk(detok.last_segment, token, stats, tokens=tokens, logprob=scores[0],
                             top_logprobs=scores[1], notices=notices)

@@ -228,3 +228,16 @@ def test_the_global_layers_grow_by_doubling_then_by_whole_steps():
 
     assert [batch_capacity(n) for n in (1, 128, 129, 300)] == [128, 128, 256, 512]
     assert batch_capacity(DECODE_CAPACITY_STEP + 1) == 2 * DECODE_CAPACITY_STEP
+
+
+def test_an_id_past_the_tokenizer_reads_as_no_text(model):
+    """A vision model's embedding is 64 rows longer than its tokenizer: sampling one of those
+    ids (random weights do) must not fail the generation."""
+    from gemma_mlx.engine import add_token
+
+    detok = model.tokenizer.detokenizer
+    detok.reset()
+    add_token(detok, model.tokenizer.encode("Hi", add_special_tokens=False)[0])
+    add_token(detok, len(detok.tokenmap) + 5)
+    detok.finalize()
+    assert detok.text == "Hi"
