@@ -1,7 +1,8 @@
 """What a batched decode step costs, piece by piece (a measurement script, run by hand).
 
 For B rows of a random real-shape model: the whole compiled step (one shared timeline slot,
-written in place), and an MLP's 4-bit matmuls alone at those B, beside the same matmul on the
+written in place; over the quantized weights and over their dense copies, `--dense-batch`;
+global layers of 512 slots and of 128), and an MLP's 4-bit matmuls alone at those B, beside the same matmul on the
 weights dequantized to bfloat16. Timings are medians of `--iters` steps after a warm-up.
 
     python benchmarks/batch_levers.py --shape 4b --rows 1,8,16 --json out.json
@@ -44,8 +45,8 @@ def timed(fn, iters: int) -> float:
     return statistics.median(times)
 
 
-def step_time(model, rows: int, iters: int, capacity: int = 512) -> float:
-    program = decode.decode_program(model.net.decoder)
+def step_time(model, rows: int, iters: int, capacity: int = 512, dense: bool = False) -> float:
+    program = decode.decode_program(model.net.decoder, dense=dense)
     cfg = model.config.text
     program.set_quantized([None] * cfg.num_hidden_layers)
     dtype = model.net.decoder.embed_tokens.scales.dtype
@@ -70,7 +71,9 @@ def main() -> None:
     model = random_model(args.shape)
     results = []
     for rows in [int(r) for r in args.rows.split(",")]:
-        entry = {"rows": rows, "step_ms": 1e3 * step_time(model, rows, args.iters)}
+        entry = {"rows": rows, "step_ms": 1e3 * step_time(model, rows, args.iters),
+                 "step_dense_ms": 1e3 * step_time(model, rows, args.iters, dense=True),
+                 "step_128_slots_ms": 1e3 * step_time(model, rows, args.iters, capacity=128)}
         mlp = model.net.decoder.layers[0].mlp
         cfg = model.config.text
         x = mx.random.normal((rows, 1, cfg.hidden_size)).astype(mx.bfloat16)

@@ -26,6 +26,8 @@
 #             the follow-up time to first token of a 4K conversation, 4B   ~3 minutes
 #   concurrency  bench --concurrency 1,4,8,16 --compare mlx-lm, 4B, 256+128 tokens, with
 #             --dense-batch and without                                  ~5 minutes
+#   batch_levers  benchmarks/batch_levers.py, 4B: one batched step at 1/4/8/16 rows, quantized
+#             and dense, 512 and 128 slots                               ~1 minute
 # Random shapes borrow a tokenizer for the constraint and the server: $TOKENIZER (a folder
 # with the 270M's tokenizer files; default: the 270M package's).
 set -u
@@ -119,5 +121,8 @@ if want concurrency; then
       --prompt-tokens 256 --gen-tokens 128 --repeats 2 --json >"$out/$name.json" \
       && show "$out/$name.json"
   done
+fi
+if want batch_levers; then
+  python3 benchmarks/batch_levers.py --shape 4b --rows 1,4,8,16 --json "$out/batch_levers_4b.json"
 fi
 } 2>&1 | tee "$out/run.log"
