@@ -11,7 +11,7 @@ versions() { python -c "import importlib.metadata as m, sys
 print(' '.join(f'{n}=={m.version(n)}' for n in sys.argv[1:]))" "$@"; }
 bash ../shared/gpu/prepare.sh $(versions mlx-lm fastapi starlette uvicorn sse-starlette pydantic \
   pydantic_core annotated-types annotated-doc typing-inspection prometheus_client httpx httpcore \
-  h11 anyio sniffio idna certifi click typing_extensions gguf jsonschema \
+  h11 anyio sniffio idna certifi click typing_extensions gguf jsonschema opentelemetry-api \
   jsonschema-specifications referencing rpds-py attrs)
 # llguidance ships manylinux_2_31 wheels, which prepare.sh's platform list does not take
 python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \

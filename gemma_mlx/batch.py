@@ -470,6 +470,8 @@ class Batch:
             stream.finished = "length"
         if stream.finished is not None:
             out.append((stream, self._final(stream, None)))
+        elif stream.constraint is not None:
+            stream.constraint.prefetch()  # beside the other streams' reads
 
     def _sample(self, live: list[Stream], logits: mx.array) -> None:
         greedy = mx.argmax(logits, axis=-1) if any(s.sampler.plain_greedy and s.constraint

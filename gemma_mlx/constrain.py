@@ -31,10 +31,12 @@ Entry points (the library and the server):
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 import weakref
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -196,9 +198,10 @@ class ReplyFormat:
 
 class Constraint:
     """One request's grammar state over one model's tokens: the engine asks `mask()` for the
-    allowed tokens of the next step and `advance(token)` with the token it sampled. The mask is
-    computed on the host while the device runs the step (the engine orders it so); `seconds`
-    adds up that host time."""
+    allowed tokens of the next step and `advance(token)` with the token it sampled.
+    `prefetch()` starts the next mask on a worker thread (llguidance releases the GIL while it
+    computes), so the host's mask work runs beside the thread that queues the device's step;
+    `seconds` adds up that mask work."""
 
     def __init__(self, model: Any, grammar: Grammar):
         from llguidance import LLMatcher
@@ -211,25 +214,28 @@ class Constraint:
         if self._matcher.is_error():
             raise BadRequest(f"the constraint cannot start: {_one_line(self._matcher.get_error())}")
         self._bits = np.zeros((self.vocab + 31) // 32, dtype=np.int32)
+        self._pending: Future | None = None
         self.seconds = 0.0
         self.steps = 0
+
+    def prefetch(self) -> None:
+        """Start computing the next mask on a worker thread; `mask()` picks it up."""
+        self._settle()
+        self._pending = _mask_workers().submit(self._fill)
 
     def mask(self) -> mx.array:
         """The allowed next tokens [vocab] (bool). Once the grammar is complete, only the stop
         tokens. The bitmask goes to the device packed (32 KB for Gemma's vocabulary, not 256)
         and is unpacked there."""
-        start = time.perf_counter()
-        self._matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
-        if self._matcher.is_error():
-            raise RuntimeError(f"constraint failed: {_one_line(self._matcher.get_error())}")
+        if self._pending is None:
+            self._fill()
+        self._settle()
         words = mx.array(self._bits.view(np.uint32))  # copied: the next mask reuses _bits
-        allowed = ((words[:, None] >> _BIT_SHIFTS) & 1).reshape(-1)[:self.vocab].astype(mx.bool_)
-        self.seconds += time.perf_counter() - start
-        self.steps += 1
-        return allowed
+        return _unpack(words)[:self.vocab]
 
     def advance(self, token: int) -> None:
         """Take the sampled token (after a stop token the grammar takes nothing more)."""
+        self._settle()
         if self._matcher.is_stopped() and token in self.stop_ids:
             return
         if not self._matcher.consume_token(token):
@@ -239,11 +245,49 @@ class Constraint:
     @property
     def accepting(self) -> bool:
         """Whether the text so far is a whole reply of the grammar."""
+        self._settle()
         return self._matcher.is_accepting()
 
     def reset(self) -> None:
         """Back to the start of the grammar (a new reply)."""
+        self._settle()
         self._matcher.reset()
+
+    def _fill(self) -> None:
+        start = time.perf_counter()
+        self._matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
+        if self._matcher.is_error():
+            raise RuntimeError(f"constraint failed: {_one_line(self._matcher.get_error())}")
+        self.seconds += time.perf_counter() - start
+        self.steps += 1
+
+    def _settle(self) -> None:
+        """Wait for a prefetched mask (the matcher takes one call at a time); its error, if
+        any, is raised here."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+
+@mx.compile
+def _unpack(words: mx.array) -> mx.array:
+    """[words * 32] bool from packed uint32 words, bit i of a word its i-th token: one fused
+    kernel on the device."""
+    return ((words[:, None] >> _BIT_SHIFTS) & 1).reshape(-1).astype(mx.bool_)
+
+
+_WORKERS: ThreadPoolExecutor | None = None
+
+
+def _mask_workers() -> ThreadPoolExecutor:
+    """The threads that compute prefetched masks (one per core, up to 8: a batch's streams'
+    masks run side by side)."""
+    global _WORKERS
+    with _LOCK:
+        if _WORKERS is None:
+            _WORKERS = ThreadPoolExecutor(min(8, os.cpu_count() or 1),
+                                          thread_name_prefix="gemma-mlx-mask")
+        return _WORKERS
 
 
 # ---- the tokenizer, once per model tokenizer ----------------------------------------------------
