@@ -2,8 +2,9 @@
 
 For B rows of a random real-shape model: the whole compiled step (one shared timeline slot,
 written in place; over the quantized weights and over their dense copies, `--dense-batch`;
-global layers of 512 slots and of 128), and an MLP's 4-bit matmuls alone at those B, beside the same matmul on the
-weights dequantized to bfloat16. Timings are medians of `--iters` steps after a warm-up.
+global layers of 512 slots and of 128), and an MLP's 4-bit matmuls alone at those B, beside
+the same matmul on the weights dequantized to bfloat16. Timings are medians of `--iters`
+steps after a warm-up.
 
     python benchmarks/batch_levers.py --shape 4b --rows 1,8,16 --json out.json
 """
@@ -53,9 +54,10 @@ def step_time(model, rows: int, iters: int, capacity: int = 512, dense: bool = F
     state = {"b": buffers(cfg, rows, capacity, dtype)}
     tokens = mx.zeros((rows,), mx.uint32)
     starts = mx.array([r for r in range(rows)], dtype=mx.int32)
+    now = mx.array(300, dtype=mx.int32)
 
     def one():
-        logits, state["b"] = program.step_rows(tokens, 300, starts, state["b"])
+        logits, state["b"], _ = program.step_rows(tokens, now, starts, state["b"])
         mx.eval(logits, state["b"])
 
     return timed(one, iters)

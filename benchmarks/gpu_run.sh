@@ -119,7 +119,8 @@ if want concurrency; then
     name=concurrency_4b${dense:+_dense}
     python3 -m gemma_mlx bench --random 4b --concurrency 1,4,8,16 --compare mlx-lm $dense \
       --prompt-tokens 256 --gen-tokens 128 --repeats 2 --json >"$out/$name.json" \
-      && show "$out/$name.json"
+      && python3 -c "import json, sys; from gemma_mlx.bench_concurrency import table
+print(table(json.load(open(sys.argv[1]))))" "$out/$name.json"
   done
 fi
 if want batch_levers; then

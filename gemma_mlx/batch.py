@@ -148,6 +148,26 @@ class KVRows:
         self.starts: list[int | None] = []  # per row: the slot of its first token, or free
         self.buffers: list[list[mx.array]] = []  # per layer: keys, values (or 3 + 3)
         self.quantized: list[tuple[int, int] | None] = []
+        self._now_array, self._now_value = mx.array(0, dtype=mx.int32), 0
+        self._starts_array, self._starts_key = mx.array([], dtype=mx.int32), []
+
+    def timeline(self) -> tuple[mx.array, mx.array]:
+        """`now` and the rows' starts as the step takes them, on the device: uploaded only
+        when they changed (a step advances `now` there, see `advanced`), not every step. A
+        free row starts at the `now` of the upload: any start up to `now` serves, its outputs
+        are ignored."""
+        if self._now_value != self.now:
+            self._now_array, self._now_value = mx.array(self.now, dtype=mx.int32), self.now
+        if self._starts_key != self.starts:
+            self._starts_array = mx.array([s if s is not None else self.now
+                                           for s in self.starts], dtype=mx.int32)
+            self._starts_key = list(self.starts)
+        return self._now_array, self._starts_array
+
+    def advanced(self, now: mx.array) -> None:
+        """A step wrote slot `now`; `now` is the next one, as the step computed it."""
+        self.now += 1
+        self._now_array, self._now_value = now, self.now
 
     def _sliding(self, i: int) -> bool:
         return self.cfg.is_sliding(i)
@@ -291,6 +311,10 @@ class Batch:
         self.steps = 0
         self.longest_gap = 0.0  # seconds between two steps of the running streams
         self._last_step = None
+        # The last step's greedy tokens [rows], when every row took its argmax: the next
+        # step's input as it is, with the row layout it was sampled for (see _sample).
+        self._next: tuple[mx.array, tuple[Stream | None, ...]] | None = None
+        self._input: mx.array | None = None  # that vector, when a step took it as its input
 
     @property
     def idle(self) -> bool:
@@ -334,10 +358,13 @@ class Batch:
         unread = [s for s in running if not s._read_ahead]
         for s in running:
             s._read_ahead = False
-        if unread:  # the tokens sampled last step, to the host in one transfer
+        if unread and self._input is not None:  # the tokens sampled last step, in one read
+            values = self._input.tolist()
+            tokens = [values[s.row] for s in unread]
+        elif unread:
             tokens = mx.concatenate([s._pending for s in unread]).tolist()
-            for stream, token in zip(unread, tokens, strict=True):
-                self._read(stream, token, out)
+        for stream, token in zip(unread, tokens if unread else [], strict=True):
+            self._read(stream, token, out)
         live = [s for s in running if s.finished is None]
         if logits is not None and live:
             self._sample(live, logits)
@@ -371,22 +398,27 @@ class Batch:
         """Queue the batched step: each row's pending token, at the timeline's slot."""
         kv = self.kv
         kv.room()
-        tokens = [mx.zeros((1,), mx.uint32)] * kv.rows
-        for s in running:
-            tokens[s.row] = s._pending.astype(mx.uint32)
-        starts = mx.array([s if s is not None else kv.now for s in kv.starts], dtype=mx.int32)
+        if self._next is not None and self._same_rows(self._next[1]):
+            tokens = self._input = self._next[0]
+        else:
+            self._input = None
+            parts = [mx.zeros((1,), mx.uint32)] * kv.rows
+            for s in running:
+                parts[s.row] = s._pending.astype(mx.uint32)
+            tokens = mx.concatenate(parts)
+        now, starts = kv.timeline()
         program = self.dense if self.dense is not None and kv.rows > 1 else self.program
         program.set_quantized(kv.quantized)
         buffers = [a for layer in kv.buffers for a in layer]
         kv.buffers = []
-        logits, new = program.step_rows(mx.concatenate(tokens), kv.now, starts, buffers)
+        logits, new, next_now = program.step_rows(tokens, now, starts, buffers)
         del buffers  # the old buffers are the step's alone now: updated in place
         start = 0
         for layer_kinds in kv.quantized:
             n = 6 if layer_kinds else 2
             kv.buffers.append(new[start:start + n])
             start += n
-        kv.now += 1
+        kv.advanced(next_now)
         mx.async_eval(logits)
         return logits
 
@@ -474,17 +506,25 @@ class Batch:
             stream.constraint.prefetch()  # beside the other streams' reads
 
     def _sample(self, live: list[Stream], logits: mx.array) -> None:
-        greedy = mx.argmax(logits, axis=-1) if any(s.sampler.plain_greedy and s.constraint
-                                                    is None for s in live) else None
-        pending = []
-        for s in live:
-            if greedy is not None and s.sampler.plain_greedy and s.constraint is None \
-                    and s.recorder is None:
-                s._pending = greedy[s.row:s.row + 1]
-            else:
-                s._pending = self._sample_one(s, logits[s.row])
-            pending.append(s._pending)
-        mx.async_eval(pending)
+        """Each live stream's next token. When every stream in the rows takes its argmax, that
+        argmax over all rows is the next step's input as it is (`_next`)."""
+        plain = [s.sampler.plain_greedy and s.constraint is None and s.recorder is None
+                 for s in live]
+        greedy = mx.argmax(logits, axis=-1) if any(plain) else None
+        for s, is_plain in zip(live, plain, strict=True):
+            s._pending = greedy[s.row:s.row + 1] if is_plain else \
+                self._sample_one(s, logits[s.row])
+        in_rows = sum(1 for s in self.rows if s is not None)
+        if all(plain) and len(live) == in_rows:
+            self._next = (greedy, tuple(self.rows))
+            mx.async_eval(greedy)
+        else:
+            self._next = None
+            mx.async_eval([s._pending for s in live])
+
+    def _same_rows(self, rows: tuple) -> bool:
+        return len(rows) == len(self.rows) and all(
+            a is b for a, b in zip(rows, self.rows, strict=True))
 
     def _sample_one(self, stream: Stream, logits: mx.array) -> mx.array:
         raw = logits

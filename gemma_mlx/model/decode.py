@@ -171,17 +171,18 @@ class CompiledDecode:
                 c._idx = c.offset % c.max_size if c.offset >= c.max_size else c.offset
         return logits
 
-    def step_rows(self, tokens: mx.array, now: int, starts: mx.array,
-                  buffers: list[mx.array]) -> tuple[mx.array, list[mx.array]]:
+    def step_rows(self, tokens: mx.array, now: mx.array, starts: mx.array,
+                  buffers: list[mx.array]) -> tuple[mx.array, list[mx.array], mx.array]:
         """One token for each of B rows (continuous batching) on a shared timeline: every row
         writes at slot `now` of the global layers and `now % window` of the rings (one
         in-place write for all rows), and row b, whose first token went to slot starts[b], is
         at position now - starts[b]. `tokens` [B]; buffers laid out as the caches' but B rows
-        deep ([B, kv heads, slots, head dim] per array). Returns the logits [B, vocab] and the
-        new buffers, which replace the old ones before anything is evaluated. Every row is
-        computed: a free row (start = now) is ignored by its caller."""
-        _, logits, *new = self._fn(tokens, mx.array(now, dtype=mx.int32), starts, *buffers)
-        return logits, new
+        deep ([B, kv heads, slots, head dim] per array); `now` and `starts` int32 arrays,
+        kept on the device by the caller. Returns the logits [B, vocab], the new buffers, which
+        replace the old ones before anything is evaluated, and now + 1 (on the device). Every
+        row is computed: a free row (start = now) is ignored by its caller."""
+        next_now, logits, *new = self._fn(tokens, now, starts, *buffers)
+        return logits, new, next_now
 
     def set_quantized(self, quantized: list[tuple[int, int] | None]) -> None:
         """Per layer (group, bits) of a quantized cache, or None: read when tracing."""
