@@ -200,8 +200,8 @@ class Constraint:
     """One request's grammar state over one model's tokens: the engine asks `mask()` for the
     allowed tokens of the next step and `advance(token)` with the token it sampled.
     `prefetch()` starts the next mask on a worker thread (llguidance releases the GIL while it
-    computes), so the host's mask work runs beside the thread that queues the device's step;
-    `seconds` adds up that mask work."""
+    computes): the batch uses it so that its streams' masks are computed beside each other and
+    beside the thread that reads their tokens; `seconds` adds up that mask work."""
 
     def __init__(self, model: Any, grammar: Grammar):
         from llguidance import LLMatcher
