@@ -78,7 +78,8 @@ if want context; then
     --contexts "${CONTEXTS-512,2048,8192,16384,32768}" --gen-tokens 128 --repeats 2 \
     --json "$out/decode_vs_context_4b.json"
 fi
-show() { python3 -c "import json, sys; from gemma_mlx.bench import table
+# show FILE [MODULE]: a bench JSON as a table (MODULE bench_concurrency for --concurrency)
+show() { python3 -c "import json, sys; from gemma_mlx.${2:-bench} import table
 print(table(json.load(open(sys.argv[1]))))" "$1"; }
 if want image; then
   for image in --image ""; do
@@ -119,8 +120,7 @@ if want concurrency; then
     name=concurrency_4b${dense:+_dense}
     python3 -m gemma_mlx bench --random 4b --concurrency 1,4,8,16 --compare mlx-lm $dense \
       --prompt-tokens 256 --gen-tokens 128 --repeats 2 --json >"$out/$name.json" \
-      && python3 -c "import json, sys; from gemma_mlx.bench_concurrency import table
-print(table(json.load(open(sys.argv[1]))))" "$out/$name.json"
+      && show "$out/$name.json" bench_concurrency
   done
 fi
 if want batch_levers; then

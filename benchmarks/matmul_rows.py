@@ -14,23 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 
 import mlx.core as mx
 import numpy as np
+from batch_levers import timed  # median seconds after a warm-up
 
 
-def timed(fn, iters: int) -> float:
-    """Median milliseconds of `fn` after a warm-up."""
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+def timed_ms(fn, iters: int) -> float:
+    return timed(fn, iters) * 1e3
 
 
 def measure(rows: int, d_in: int, d_out: int, iters: int) -> dict[str, float]:
@@ -41,10 +32,10 @@ def measure(rows: int, d_in: int, d_out: int, iters: int) -> dict[str, float]:
     x_np, w_np = np.array(x), np.array(w)
     return {
         "rows": rows,
-        "mlx_float32_ms": timed(lambda: mx.eval(x @ w.T), iters),
-        "mlx_4bit_ms": timed(lambda: mx.eval(mx.quantized_matmul(
+        "mlx_float32_ms": timed_ms(lambda: mx.eval(x @ w.T), iters),
+        "mlx_4bit_ms": timed_ms(lambda: mx.eval(mx.quantized_matmul(
             x, wq, scales, biases, transpose=True, group_size=64, bits=4)), iters),
-        "numpy_float32_ms": timed(lambda: x_np @ w_np.T, iters),
+        "numpy_float32_ms": timed_ms(lambda: x_np @ w_np.T, iters),
     }
 
 

@@ -358,13 +358,9 @@ class Batch:
         unread = [s for s in running if not s._read_ahead]
         for s in running:
             s._read_ahead = False
-        if unread and self._input is not None:  # the tokens sampled last step, in one read
-            values = self._input.tolist()
-            tokens = [values[s.row] for s in unread]
-        elif unread:
-            tokens = mx.concatenate([s._pending for s in unread]).tolist()
-        for stream, token in zip(unread, tokens if unread else [], strict=True):
-            self._read(stream, token, out)
+        if unread:
+            for stream, token in zip(unread, self._sampled(unread), strict=True):
+                self._read(stream, token, out)
         live = [s for s in running if s.finished is None]
         if logits is not None and live:
             self._sample(live, logits)
@@ -504,6 +500,14 @@ class Batch:
             out.append((stream, self._final(stream, None)))
         elif stream.constraint is not None:
             stream.constraint.prefetch()  # beside the other streams' reads
+
+    def _sampled(self, streams: list[Stream]) -> list[int]:
+        """The tokens the last step sampled for these streams, to the host in one transfer:
+        the step's input vector when it took one, else their pending tokens."""
+        if self._input is not None:
+            values = self._input.tolist()
+            return [values[s.row] for s in streams]
+        return mx.concatenate([s._pending for s in streams]).tolist()
 
     def _sample(self, live: list[Stream], logits: mx.array) -> None:
         """Each live stream's next token. When every stream in the rows takes its argmax, that
