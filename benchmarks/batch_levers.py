@@ -2,8 +2,9 @@
 
 For B rows of a random real-shape model: the whole compiled step (one shared timeline slot,
 written in place; over the quantized weights and over their dense copies, `--dense-batch`;
-global layers of 512 slots and of 128), and an MLP's 4-bit matmuls alone at those B, beside
-the same matmul on the weights dequantized to bfloat16. Timings are medians of `--iters`
+global layers of 512 slots and of 128), and an MLP's 4-bit matmuls alone at those B (rows
+apart, [B, 1, hidden], and as one sequence, [1, B, hidden]), beside the same matmul on the
+weights dequantized to bfloat16. Timings are medians of `--iters`
 steps after a warm-up.
 
     python benchmarks/batch_levers.py --shape 4b --rows 1,8,16 --json out.json
@@ -82,6 +83,10 @@ def main() -> None:
         y = mx.random.normal((rows, 1, cfg.intermediate_size)).astype(mx.bfloat16)
         entry["mlp_gate_ms"] = 1e3 * timed(lambda m=mlp, x=x: mx.eval(m.gate_proj(x)), args.iters)
         entry["mlp_down_ms"] = 1e3 * timed(lambda m=mlp, y=y: mx.eval(m.down_proj(y)), args.iters)
+        # the same rows as one sequence [1, B, hidden], as the step lays them out
+        flat = x.reshape(1, rows, -1)
+        entry["mlp_gate_one_sequence_ms"] = 1e3 * timed(
+            lambda m=mlp, x=flat: mx.eval(m.gate_proj(x)), args.iters)
         gate = mlp.gate_proj
         dense = mx.dequantize(gate.weight, gate.scales, gate.biases, gate.group_size,
                               gate.bits).astype(mx.bfloat16)

@@ -195,7 +195,10 @@ class CompiledDecode:
         """B rows on one timeline: writes at slot `now` (in place), positions now - starts."""
         d, eps, head_dim = self.decoder, self.eps, self.cfg.head_dim
         B = tokens.shape[0]
-        h = d.embed(tokens.reshape(B, 1))
+        # The rows as one sequence [1, B, hidden]: a matmul over them is then one B-row product
+        # (M = B), which MLX's CUDA backend runs as one pass over the weights, not B products
+        # of one row each (M = 1, batch B). Attention alone needs them apart.
+        h = d.embed(tokens.reshape(1, B))
         positions = now - starts  # [B]
         masks: dict[tuple[int, bool], mx.array] = {}
         out: list[mx.array] = []
@@ -212,7 +215,7 @@ class CompiledDecode:
             s_in, s_q, s_k, s_attn, s_pre, s_post = self.scales[i]
             attn = layer.self_attn
             q, k, v = self._project(i, mx.fast.rms_norm(h, s_in, eps))
-            # One position: [B, 1, heads * head_dim] is already [B, heads, 1, head_dim].
+            # One position: [1, B, heads * head_dim] is already [B, heads, 1, head_dim].
             q = q.reshape(B, attn.n_heads, 1, head_dim)
             k = k.reshape(B, attn.n_kv_heads, 1, head_dim)
             v = v.reshape(B, attn.n_kv_heads, 1, head_dim)
@@ -233,11 +236,11 @@ class CompiledDecode:
                     q, new[:3], new[3:], scale=attn.scale, mask=mask, group_size=group,
                     bits=bits)
                 out += new
-            h = h + mx.fast.rms_norm(self.o_proj[i](o.reshape(B, 1, -1)), s_attn, eps)
+            h = h + mx.fast.rms_norm(self.o_proj[i](o.reshape(1, B, -1)), s_attn, eps)
             x = mx.fast.rms_norm(h, s_pre, eps)
             h = h + mx.fast.rms_norm(self._mlp(i, x), s_post, eps)
         logits = self.head(mx.fast.rms_norm(h, self.final_scale, eps))
-        return (now + 1, logits[:, 0], *out)
+        return (now + 1, logits[0], *out)
 
     def _project(self, i: int, x: mx.array) -> list[mx.array]:
         """q, k and v of one block."""
