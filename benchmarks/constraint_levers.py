@@ -12,8 +12,9 @@ host adds; a device-bound one hides it.
 Variants (each a drop-in for engine._constrained):
   plain            no constraint (the engine's plain loop)
   engine           the engine's constrained loop
+  uploaded-each-step  the engine's loop with every mask uploaded, none kept on the device
   plain-profiled   the plain loop's order, phases timed (the grammar is not used)
-  engine-profiled  the engine's loop, phases timed
+  engine-profiled  the engine's loop, phases timed, every mask uploaded
   merged           the sampling of n+1 and the pass of n+2 queued in one async_eval
   constant-mask    the engine's order with one all-allowed mask (no grammar work)
   upload-only      the engine's order, a mask uploaded and unpacked each step (no grammar work)
@@ -81,6 +82,7 @@ def engine_profiled(token, forward, sample, constraint, max_tokens, stats):
         constraint.advance(t)
         t2 = clock()
         if n + 1 < max_tokens:
+            constraint._kept.clear()  # as before masks were kept: each one uploaded
             allowed = constraint.mask()
             t3 = clock()
             token = sample(logits, allowed)
@@ -131,6 +133,25 @@ def _unconstrained(masks):
     return loop
 
 
+def _uploaded_each_step(token, forward, sample, constraint, max_tokens, stats):
+    """The engine's loop with every mask uploaded (none kept on the device), as before
+    Constraint kept its recent masks."""
+    logits = forward(token) if max_tokens > 1 else None
+    if logits is not None:
+        mx.async_eval(logits)
+    for n in range(max_tokens):
+        t = token.item()
+        constraint.advance(t)
+        if n + 1 < max_tokens:
+            constraint._kept.clear()
+            token = sample(logits, constraint.mask())
+            mx.async_eval(token)
+            logits = forward(token) if n + 2 < max_tokens else None
+            if logits is not None:
+                mx.async_eval(logits)
+        yield t
+
+
 _ALL: dict[int, mx.array] = {}
 
 
@@ -176,6 +197,7 @@ def reader_thread(token, forward, sample, constraint, max_tokens, stats):
 
 VARIANTS = {
     "engine": engine._constrained,
+    "uploaded-each-step": _uploaded_each_step,
     "plain-profiled": plain_profiled,
     "engine-profiled": engine_profiled,
     "merged": merged,

@@ -12,6 +12,7 @@ import json
 
 import jsonschema
 import mlx.core as mx
+import numpy as np
 import pytest
 from test_chat import tiny_model
 
@@ -199,6 +200,26 @@ def test_stop_tokens_are_allowed_exactly_when_the_grammar_accepts(model_270m):
     mask = constraint.mask()
     assert constraint.accepting and mask.sum().item() == 2  # complete: only the stop tokens
     assert bool(mask[END_OF_TURN]) and bool(mask[EOS])
+
+
+def test_masks_kept_on_the_device_are_the_grammars_own(model_270m, monkeypatch):
+    """Repeated masks come from the device's copies (two kept here, so they are also evicted
+    and made again): each must still be exactly the set the grammar allows at that point."""
+    monkeypatch.setattr(constrain, "KEPT_MASKS", 2)
+    schema = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 30},
+                                               "b": {"type": "integer"}},
+              "required": ["a", "b"], "additionalProperties": False}
+    constraint = constrain.Constraint(model_270m, constrain.json_schema(schema))
+    reference = constrain.Constraint(model_270m, constrain.json_schema(schema))
+    text = '{"a": "one two three four", "b": 12345}'
+    for token in model_270m.tokenizer.encode(text, add_special_tokens=False):
+        reference._fill()
+        expected = np.unpackbits(reference._bits.view(np.uint8), bitorder="little")
+        mask = np.array(constraint.mask())
+        assert (mask == expected[:mask.size].astype(bool)).all()
+        constraint.advance(token)
+        reference.advance(token)
+    assert len(constraint._kept) == 2
 
 
 def test_ids_past_the_tokenizer_are_never_allowed(model_270m):
