@@ -217,7 +217,7 @@ class Variant(Constrained):
         return super().tokens(prompt, max_tokens, pixel_values)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="4b")
     parser.add_argument("--schema", default=str(ROOT / "benchmarks/schemas/records.json"))
@@ -226,7 +226,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--variants", default=",".join(["plain", *VARIANTS]))
     parser.add_argument("--json", metavar="FILE")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     model = random_model(args.shape)
     model.tokenizer = borrowed_tokenizer(model)
     decode_program(model.net.decoder)
@@ -269,6 +269,7 @@ def main() -> None:
         print(line)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
+    return report
 
 
 if __name__ == "__main__":

@@ -152,3 +152,31 @@ def test_grammar_engines_reports_llguidance(scripts, tmp_path, folder_270m):
     assert engine["engine"] == "llguidance" and len(engine["cases"]) == 4
     for case in engine["cases"]:
         assert case["tokens"] == 8 and case["mask_ms"]["median"] > 0
+
+
+def test_constraint_levers_variants_decode_what_the_engine_decodes(scripts, folder_270m):
+    """The variants are timed against each other, so each constrained one must produce the
+    engine's very tokens (greedy), and the script must report every variant."""
+    from gemma_mlx import engine
+    from gemma_mlx.bench import borrowed_tokenizer, prompt_ids, random_model, schema_file
+
+    levers = scripts("constraint_levers")
+    model = random_model("tiny-vocab")
+    model.tokenizer = borrowed_tokenizer(model)
+    grammar = schema_file(str(BENCHMARKS / "schemas/records.json"))
+    prompt = prompt_ids(16, model.config.text.vocab_size)
+    original = engine._constrained
+    replies = {}
+    try:
+        for name in ("engine", "uploaded-each-step", "engine-profiled", "merged",
+                     "reader-thread"):
+            variant = levers.Variant(model, grammar, name, levers.VARIANTS[name])
+            replies[name] = list(variant.tokens(prompt, 40))
+    finally:
+        engine._constrained = original
+    assert len(replies["engine"]) == 40
+    assert all(tokens == replies["engine"] for tokens in replies.values())
+    report = levers.main(["--shape", "tiny-vocab", "--prompt-tokens", "8", "--gen-tokens", "4",
+                          "--repeats", "1"])
+    assert set(report["variants"]) == {"plain", *levers.VARIANTS}
+    assert engine._constrained is original
