@@ -452,6 +452,7 @@ def test_a_full_queue_answers_429_with_retry_after(guarded, tiny_folder):
                           headers=guarded.headers)
         if second.status_code == 429:
             break
+    assert second.status_code == 429, "".join(guarded.log[-12:])  # the server saw what?
     assert_error(second, 429, "busy")
     assert second.headers["Retry-After"] == "1"
 
