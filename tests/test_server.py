@@ -446,7 +446,8 @@ def test_a_full_queue_answers_429_with_retry_after(guarded, tiny_folder):
     for _ in range(3):
         with httpx.stream("POST", guarded.v1 + "/chat/completions", json=body, timeout=60,
                           headers=guarded.headers) as running:
-            next(line for line in running.iter_lines() if line.startswith("data:"))
+            lines = running.iter_lines()  # kept: a discarded iterator closes the stream
+            next(line for line in lines if line.startswith("data:"))
             second = post(guarded, "/v1/chat/completions", {**body, "max_tokens": 2,
                                                              "stream": False},
                           headers=guarded.headers)
