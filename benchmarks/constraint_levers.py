@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from gemma_mlx import engine  # noqa: E402
+from gemma_mlx import constrain, engine  # noqa: E402
 from gemma_mlx.bench import (  # noqa: E402
     Constrained,
     Ours,
@@ -82,7 +82,6 @@ def engine_profiled(token, forward, sample, constraint, max_tokens, stats):
         constraint.advance(t)
         t2 = clock()
         if n + 1 < max_tokens:
-            constraint._kept.clear()  # as before masks were kept: each one uploaded
             allowed = constraint.mask()
             t3 = clock()
             token = sample(logits, allowed)
@@ -133,23 +132,16 @@ def _unconstrained(masks):
     return loop
 
 
-def _uploaded_each_step(token, forward, sample, constraint, max_tokens, stats):
-    """The engine's loop with every mask uploaded (none kept on the device), as before
-    Constraint kept its recent masks."""
-    logits = forward(token) if max_tokens > 1 else None
-    if logits is not None:
-        mx.async_eval(logits)
-    for n in range(max_tokens):
-        t = token.item()
-        constraint.advance(t)
-        if n + 1 < max_tokens:
-            constraint._kept.clear()
-            token = sample(logits, constraint.mask())
-            mx.async_eval(token)
-            logits = forward(token) if n + 2 < max_tokens else None
-            if logits is not None:
-                mx.async_eval(logits)
-        yield t
+def _uploading_every_mask(loop):
+    """`loop` with no mask kept on the device (Constraint keeps none when KEPT_MASKS is 0):
+    every step's mask uploaded, as before Constraint kept its recent ones."""
+    def uploading(*args):
+        kept, constrain.KEPT_MASKS = constrain.KEPT_MASKS, 0
+        try:
+            yield from loop(*args)
+        finally:
+            constrain.KEPT_MASKS = kept
+    return uploading
 
 
 _ALL: dict[int, mx.array] = {}
@@ -197,9 +189,9 @@ def reader_thread(token, forward, sample, constraint, max_tokens, stats):
 
 VARIANTS = {
     "engine": engine._constrained,
-    "uploaded-each-step": _uploaded_each_step,
+    "uploaded-each-step": _uploading_every_mask(engine._constrained),
     "plain-profiled": plain_profiled,
-    "engine-profiled": engine_profiled,
+    "engine-profiled": _uploading_every_mask(engine_profiled),
     "merged": merged,
     "constant-mask": _unconstrained(_all_allowed),
     "upload-only": _unconstrained(_uploaded),
